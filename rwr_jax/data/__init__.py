@@ -1,0 +1,1 @@
+"""Data: records, pipelines, image processing, tokenizer and chat template."""

@@ -1,0 +1,67 @@
+"""The explicit key/value cache: a value passed into and returned from the model.
+
+Slots are written left to right and shared by all rows of the batch (`end_index` is
+one scalar), so prefill, decode and extend are static-shape dynamic-update-slices.
+Rows differ only in which slots hold real tokens (`key_mask`): left padding of a
+prompt, or padding inside an appended chunk, are slots with key_mask False that no
+query ever attends to. Rotary positions are not derived from slots; the caller passes
+them, so a row's positions stay contiguous across padded slots.
+"""
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+# Logical axis names of `keys`/`values`, for the sharding rules.
+CACHE_AXES = ("layers", "activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
+
+
+@flax.struct.dataclass(kw_only=True)
+class KVCache:
+    """Attention keys and values of every layer.
+
+    Attributes:
+      keys: [L, B, S, K, head_dim], rotated keys.
+      values: [L, B, S, K, head_dim].
+      key_mask: [B, S] bool, True where a slot holds a real token.
+      end_index: [] int32, the next slot to write (equal for all rows).
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    key_mask: jax.Array
+    end_index: jax.Array
+
+    @classmethod
+    def init(cls, *, num_layers: int, batch: int, max_length: int, num_kv_heads: int, head_dim: int,
+             dtype=jnp.float32) -> "KVCache":
+        """An empty cache with room for `max_length` tokens per row."""
+        shape = (num_layers, batch, max_length, num_kv_heads, head_dim)
+        return cls(
+            keys=jnp.zeros(shape, dtype),
+            values=jnp.zeros(shape, dtype),
+            key_mask=jnp.zeros((batch, max_length), bool),
+            end_index=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def max_length(self) -> int:
+        return self.keys.shape[2]
+
+    def write_mask(self, token_mask: jax.Array) -> jax.Array:
+        """key_mask after writing a chunk whose valid tokens are `token_mask` [B, T]."""
+        return jax.lax.dynamic_update_slice(self.key_mask, token_mask.astype(bool), (0, self.end_index))
+
+    def attention_mask(self, key_mask: jax.Array, chunk_length: int) -> jax.Array:
+        """Causal mask of a chunk written at end_index against all slots.
+
+        Args:
+          key_mask: [B, S] bool, from `write_mask`.
+          chunk_length: T, tokens in the chunk.
+
+        Returns:
+          [B, T, S] bool.
+        """
+        query_slot = self.end_index + jnp.arange(chunk_length)
+        causal = jnp.arange(self.max_length)[None, :] <= query_slot[:, None]  # [T, S]
+        return key_mask[:, None, :] & causal[None]

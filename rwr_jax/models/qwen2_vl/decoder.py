@@ -1,0 +1,265 @@
+"""The Qwen2 / Qwen2.5-VL language model (also Llama-family decoders) in Flax Linen.
+
+Parameter paths mirror the Hugging Face checkpoint names (`model.layers_3.self_attn.
+q_proj` <-> `model.layers.3.self_attn.q_proj`), so weight conversion is a table. The
+model names logical axes only; `rwr_jax.sharding` maps them to a mesh. The KV cache is
+an argument and a return value (`KVCache`), never module state.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rwr_jax.models import attention, kv_cache, rope
+from rwr_jax.models.qwen2_vl.config import DecoderConfig
+
+_init = nn.initializers.normal(stddev=0.02)
+_zeros = nn.initializers.zeros_init()
+_ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
+
+
+def _logical(init, axes):
+    return nn.with_logical_partitioning(init, axes)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 like transformers."""
+
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[..., D] -> [..., D] in `dtype`."""
+        scale = self.param("scale", _logical(nn.initializers.ones_init(), ("embed",)), (x.shape[-1],),
+                           self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * x32.astype(self.dtype)
+
+
+class Projection(nn.Module):
+    """A linear map written as one einsum over named axes (kernel + optional bias).
+
+    Used instead of `nn.DenseGeneral`, whose flat-then-reshape kernel init breaks
+    logical partitioning of multi-axis kernels under a mesh.
+    """
+
+    equation: str
+    kernel_shape: tuple[int, ...]
+    kernel_axes: tuple[str, ...]
+    bias_axes: tuple[str, ...] | None = None
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", _logical(_init, self.kernel_axes), self.kernel_shape, self.param_dtype)
+        y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.bias_axes is not None:
+            bias_shape = y.shape[-len(self.bias_axes):]
+            y = y + self.param("bias", _logical(_zeros, self.bias_axes), bias_shape, self.param_dtype).astype(
+                self.dtype)
+        return y
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with rotary embeddings and an optional KV cache."""
+
+    config: DecoderConfig
+
+    def _proj(self, heads: int, head_axis: str, name: str) -> Projection:
+        c = self.config
+        return Projection(
+            "btd,dnh->btnh", (c.hidden_size, heads, c.head_dim), ("embed", head_axis, "head_dim"),
+            bias_axes=(head_axis, "head_dim") if c.qkv_bias else None, dtype=c.jnp_dtype,
+            param_dtype=c.jnp_param_dtype, name=name)
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, kv=None, end_index=None):
+        """Attends a chunk of tokens to itself, or to the cache it is written into.
+
+        Args:
+          x: [B, T, D] normed hidden states.
+          cos, sin: [B, T, head_dim] rotary tables.
+          mask: [B, T, S] bool; S = T without a cache, else the cache length.
+          kv: optional (keys, values) of this layer, each [B, S, K, head_dim].
+          end_index: [] int32, slot where this chunk is written (with kv).
+
+        Returns:
+          ([B, T, D] output, updated (keys, values) or None).
+        """
+        c = self.config
+        q = self._proj(c.num_heads, "heads", "q_proj")(x)
+        k = self._proj(c.num_kv_heads, "kv_heads", "k_proj")(x)
+        v = self._proj(c.num_kv_heads, "kv_heads", "v_proj")(x)
+        q = rope.apply_rope(q, cos, sin)
+        k = rope.apply_rope(k, cos, sin)
+        if kv is not None:
+            start = (0, end_index, 0, 0)
+            kv = (jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start),
+                  jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start))
+            k, v = kv[0].astype(q.dtype), kv[1].astype(q.dtype)
+        out = attention.attend(q, k, v, mask, scale=c.head_dim ** -0.5, kernel=c.attention_kernel)
+        out = nn.with_logical_constraint(
+            out, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
+        out = Projection(
+            "btnh,nhd->btd", (c.num_heads, c.head_dim, c.hidden_size), ("heads", "head_dim", "embed"),
+            bias_axes=("embed",) if c.o_bias else None, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype,
+            name="o_proj")(out)
+        return out, kv
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[B, T, D] -> [B, T, D]."""
+        c = self.config
+        dense = functools.partial(nn.Dense, use_bias=False, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype)
+        gate = dense(c.intermediate_size, kernel_init=_logical(_init, ("embed", "mlp")), name="gate_proj")(x)
+        up = dense(c.intermediate_size, kernel_init=_logical(_init, ("embed", "mlp")), name="up_proj")(x)
+        hidden = nn.with_logical_constraint(
+            nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+        return dense(c.hidden_size, kernel_init=_logical(_init, ("mlp", "embed")), name="down_proj")(hidden)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, kv=None, end_index=None):
+        """[B, T, D] -> ([B, T, D], updated kv); arguments as in `Attention`."""
+        c = self.config
+        norm = functools.partial(RMSNorm, eps=c.rms_norm_eps, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype)
+        x = nn.with_logical_constraint(x, _ACTIVATION)
+        attn_out, kv = Attention(c, name="self_attn")(norm(name="input_layernorm")(x), cos, sin, mask, kv,
+                                                      end_index)
+        x = x + attn_out
+        x = x + MLP(c, name="mlp")(norm(name="post_attention_layernorm")(x))
+        return nn.with_logical_constraint(x, _ACTIVATION), kv
+
+
+def _layer_class(policy: str):
+    if policy == "none":
+        return DecoderLayer
+    jax_policy = None if policy == "full" else getattr(jax.checkpoint_policies, policy)
+    return nn.remat(DecoderLayer, policy=jax_policy, prevent_cse=True)
+
+
+class TextModel(nn.Module):
+    """Token embedding, decoder blocks and final norm (HF `model.*`)."""
+
+    config: DecoderConfig
+
+    def setup(self):
+        c = self.config
+        self.embed_tokens = nn.Embed(
+            c.vocab_size, c.hidden_size, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype,
+            embedding_init=_logical(_init, ("vocab", "embed")))
+        layer = _layer_class(c.remat_policy)
+        self.layers = [layer(c) for _ in range(c.num_layers)]  # named layers_0, layers_1, ...
+        self.norm = RMSNorm(c.rms_norm_eps, c.jnp_dtype, c.jnp_param_dtype)
+
+    def __call__(self, embeds, positions, mask, cache=None):
+        """Runs the blocks over input embeddings.
+
+        Args:
+          embeds: [B, T, D] input embeddings.
+          positions: [B, T] int32, or [3, B, T] int32 for mRoPE.
+          mask: [B, T, S] bool attention mask.
+          cache: optional KVCache; the chunk is written at cache.end_index.
+
+        Returns:
+          ([B, T, D] final-normed hidden states, updated cache or None).
+        """
+        c = self.config
+        cos, sin = rope.rope_cos_sin(positions, c.head_dim, c.rope_theta, c.mrope_section)
+        x = embeds
+        keys, values = [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.keys[i], cache.values[i])
+            x, kv = layer(x, cos, sin, mask, kv, None if cache is None else cache.end_index)
+            if kv is not None:
+                keys.append(kv[0])
+                values.append(kv[1])
+        if cache is not None:
+            cache = cache.replace(keys=jnp.stack(keys), values=jnp.stack(values))
+        return self.norm(x), cache
+
+
+class DecoderLM(nn.Module):
+    """The causal language model: `model` (TextModel) + `lm_head` (or tied embeddings).
+
+    Call with tokens, or with precomputed input embeddings (e.g. with image features
+    scattered in); with a KVCache the chunk is appended to it (prefill, decode and
+    extend are the same call with different chunk lengths).
+    """
+
+    config: DecoderConfig
+
+    def setup(self):
+        c = self.config
+        self.model = TextModel(c)
+        if not c.tie_word_embeddings:
+            self.lm_head = nn.Dense(
+                c.vocab_size, use_bias=False, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype,
+                kernel_init=_logical(_init, ("embed", "vocab")))
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """[B, T] int32 -> [B, T, D] token embeddings."""
+        return self.model.embed_tokens(tokens)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """[B, T, D] final hidden states -> [B, T, V] logits."""
+        if self.config.tie_word_embeddings:
+            logits = self.model.embed_tokens.attend(hidden)
+        else:
+            logits = self.lm_head(hidden)
+        return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+    def __call__(self, tokens, positions, token_mask, cache=None, embeds=None, return_hidden=False):
+        """Forward over a chunk.
+
+        Args:
+          tokens: [B, T] int32 (ignored where `embeds` is given).
+          positions: [B, T] or [3, B, T] int32 rotary positions.
+          token_mask: [B, T] bool, False on padding.
+          cache: optional KVCache to append the chunk to.
+          embeds: optional [B, T, D] input embeddings replacing the token lookup.
+          return_hidden: return final hidden states instead of logits.
+
+        Returns:
+          ([B, T, V] logits or [B, T, D] hidden states, updated cache or None).
+        """
+        if embeds is None:
+            embeds = self.embed(tokens)
+        token_mask = token_mask.astype(bool)
+        if cache is None:
+            length = token_mask.shape[1]
+            causal = jnp.tril(jnp.ones((length, length), bool))
+            mask = causal[None] & token_mask[:, None, :]
+        else:
+            key_mask = cache.write_mask(token_mask)
+            mask = cache.attention_mask(key_mask, token_mask.shape[1])
+        hidden, new_cache = self.model(embeds, positions, mask, cache)
+        if cache is not None:
+            new_cache = new_cache.replace(key_mask=key_mask, end_index=cache.end_index + token_mask.shape[1])
+        if return_hidden:
+            return hidden, new_cache
+        return self.logits(hidden), new_cache
+
+
+def init_cache(config: DecoderConfig, batch: int, max_length: int, dtype=None) -> kv_cache.KVCache:
+    """An empty KVCache sized for `config` (dtype defaults to the compute dtype)."""
+    return kv_cache.KVCache.init(
+        num_layers=config.num_layers, batch=batch, max_length=max_length, num_kv_heads=config.num_kv_heads,
+        head_dim=config.head_dim, dtype=dtype or config.jnp_dtype)
