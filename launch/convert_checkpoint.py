@@ -65,7 +65,7 @@ def jax_to_hf(src: str, dst: str, dtype: str | None, max_shard_gb: float) -> Non
     out_dtype = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}.get(dtype)
     if dtype:
         hf_config = dict(hf_config, torch_dtype=dtype, dtype=dtype)
-    convert.save_hf_checkpoint(params, hf_config, dst, dtype=out_dtype,
+    convert.save_hf_checkpoint(params, config, hf_config, dst, dtype=out_dtype,
                                max_shard_bytes=int(max_shard_gb * 2**30))
 
 

@@ -140,7 +140,7 @@ def main(argv):
         logging.warning("not exporting: a Qwen2.5-VL checkpoint is exported together with its vision tower")
     elif _WORKDIR.value:
         export_dir = os.path.join(_WORKDIR.value, "hf_export")
-        convert.save_hf_checkpoint(params, hf_config or convert.to_hf_config(config), export_dir)
+        convert.save_hf_checkpoint(params, config, hf_config or convert.to_hf_config(config), export_dir)
         reference = transformers_logits(export_dir, ids)
         if reference is not None:
             hf_diff = float(np.max(np.abs(reference - full)))

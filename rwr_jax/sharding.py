@@ -29,6 +29,8 @@ DEFAULT_RULES: Rules = (
     ("head_dim", None),
     ("vocab", "tensor"),
     ("layers", None),
+    ("qkv", None),
+    ("patch", None),
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", None),
     ("activation_embed", None),

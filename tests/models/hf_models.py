@@ -45,9 +45,18 @@ def make_causal_lm(name: str, seed: int = 0):
     return _random_(getattr(transformers, arch)(config), seed)
 
 
+# Special ids of the tiny Qwen2.5-VL models (inside the tiny vocabulary).
+IMAGE_TOKEN_ID = 150
+VISION_START_TOKEN_ID = 151
+VISION_END_TOKEN_ID = 152
+
+
 def make_qwen2_5_vl(seed: int = 0, tie: bool = False):
-    """A tiny random Qwen2_5_VLForConditionalGeneration (text width 64, 4 heads, mRoPE [2, 3, 3])."""
+    """A tiny random Qwen2_5_VLForConditionalGeneration: text width 64, 4 heads, mRoPE
+    [2, 3, 3]; vision 2 blocks x 32 wide (block 1 full attention, block 0 windowed)."""
     config = transformers.Qwen2_5_VLConfig(
+        image_token_id=IMAGE_TOKEN_ID, vision_start_token_id=VISION_START_TOKEN_ID,
+        vision_end_token_id=VISION_END_TOKEN_ID, video_token_id=153,
         text_config=dict(
             vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,

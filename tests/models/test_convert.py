@@ -12,6 +12,7 @@ from rwr_jax.models import safetensors_io
 from rwr_jax.models.qwen2_vl import convert
 from rwr_jax.models.qwen2_vl.config import from_hf_config, read_hf_config
 from rwr_jax.models.qwen2_vl.decoder import DecoderLM
+from rwr_jax.models.qwen2_vl.model import read_vl_config, vl_config_from_hf
 from tests.models import hf_models
 
 torch = hf_models.torch
@@ -41,7 +42,7 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(name, dtype, tmp_path
     config, hf_config = read_hf_config(str(source), param_dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
     params = convert.load_hf_params(str(source), config, progress=False)
     exported = tmp_path / "exported"
-    convert.save_hf_checkpoint(params, hf_config, str(exported), max_shard_bytes=30_000)
+    convert.save_hf_checkpoint(params, config, hf_config, str(exported), max_shard_bytes=30_000)
     assert os.path.isfile(exported / safetensors_io.INDEX_FILE)  # sharded like the source
 
     before, after = _tensors(str(source)), _tensors(str(exported))
@@ -62,17 +63,33 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(name, dtype, tmp_path
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
 
 
-def test_round_trip_qwen2_5_vl_language_model(tmp_path):
-    """The decoder tensors of a Qwen2.5-VL checkpoint survive HF -> ours -> HF bit for bit."""
-    hf_models.make_qwen2_5_vl().save_pretrained(tmp_path / "source")
-    config, hf_config = read_hf_config(str(tmp_path / "source"))
-    params = convert.load_hf_params(str(tmp_path / "source"), config, progress=False)
-    written = dict(convert.iter_hf_tensors(params))
-    source = {k: v for k, v in _tensors(str(tmp_path / "source")).items()
-              if not k.startswith(convert.VISION_PREFIX)}
+def test_round_trip_qwen2_5_vl_full_checkpoint(tmp_path):
+    """Vision tower, merger and language model survive HF -> ours -> HF bit for bit,
+    and transformers loads the export."""
+    source, exported = tmp_path / "source", tmp_path / "exported"
+    hf_models.make_qwen2_5_vl().save_pretrained(source)
+    config, hf_config = read_vl_config(str(source))
+    params = convert.load_hf_params(str(source), config, progress=False)
+    assert set(params) == {"visual", "model", "lm_head"}
+    convert.save_hf_checkpoint(params, config, hf_config, str(exported))
+    before, after = _tensors(str(source)), _tensors(str(exported))
+    assert sorted(before) == sorted(after) and any(k.startswith("visual.") for k in before)
+    for key in before:
+        np.testing.assert_array_equal(before[key], after[key], err_msg=key)
+    reloaded = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(exported, dtype=torch.float32)
+    original = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
+    for (name, a), (_, b) in zip(sorted(original.state_dict().items()), sorted(reloaded.state_dict().items())):
+        assert torch.equal(a, b), name
+
+
+def test_decoder_config_reads_only_the_language_model_of_a_vl_checkpoint(tmp_path):
+    hf_models.make_qwen2_5_vl().save_pretrained(tmp_path)
+    config, _ = read_hf_config(str(tmp_path))
+    params = convert.load_hf_params(str(tmp_path), config, progress=False)
+    assert set(params) == {"model", "lm_head"}
+    written = dict(convert.iter_hf_tensors(params, config))
+    source = {k: v for k, v in _tensors(str(tmp_path)).items() if not k.startswith(convert.VISION_PREFIX)}
     assert sorted(written) == sorted(source)
-    for key, array in source.items():
-        np.testing.assert_array_equal(written[key], array, err_msg=key)
 
 
 @pytest.mark.parametrize("name", ["qwen2_bias", "llama_bias", "llama_tied"])
@@ -87,7 +104,7 @@ def test_random_params_export_with_to_hf_config(name, tmp_path):
     tokens, mask, positions = hf_models.left_padded_batch([7, 4], total=7)
     params = jax.jit(model.init)(jax.random.key(0), jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask, bool))
     params = jax.tree_util.tree_map(lambda p: p * 4.0, nn.unbox(params["params"]))
-    convert.save_hf_checkpoint(params, hf_config, str(tmp_path))
+    convert.save_hf_checkpoint(params, config, hf_config, str(tmp_path))
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     assert type(reloaded).__name__ == hf_config["architectures"][0]
     ours, _ = jax.jit(model.apply)({"params": params}, jnp.asarray(tokens), jnp.asarray(positions),
@@ -161,25 +178,28 @@ def test_truncated_file_is_reported(qwen2_dir, tmp_path):
         list(safetensors_io.iter_file_tensors(str(truncated)))
 
 
-def test_real_qwen2_5_vl_7b_layout_is_covered():
-    """Every language-model tensor of the real 7B checkpoint maps to a param of the
-    right shape (names/shapes from transformers on the meta device; no download)."""
+@pytest.mark.parametrize("part", ["language_model", "full"])
+def test_real_qwen2_5_vl_7b_layout_is_covered(part):
+    """Every tensor of the real 7B checkpoint maps to a param of the right shape (names
+    and shapes from transformers on the meta device; params from jax.eval_shape)."""
     with open(os.path.join(TESTDATA, "qwen2_5_vl_7b_config.json")) as f:
         hf_config = json.load(f)
-    config = from_hf_config(hf_config)
-    assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
-            config.intermediate_size, config.vocab_size, config.mrope_section, config.rms_norm_eps,
-            config.rope_theta, config.tie_word_embeddings) == (
+    text = from_hf_config(hf_config)
+    assert (text.num_layers, text.hidden_size, text.num_heads, text.num_kv_heads, text.head_dim,
+            text.intermediate_size, text.vocab_size, text.mrope_section, text.rms_norm_eps,
+            text.rope_theta, text.tie_word_embeddings) == (
                 28, 3584, 28, 4, 128, 18944, 152064, (16, 24, 24), 1e-6, 1e6, False)
+    config = text if part == "language_model" else vl_config_from_hf(hf_config)
     with torch.device("meta"):
         reference = transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(**hf_config))
     hf_shapes = {convert.canonical_hf_name(k): tuple(v.shape) for k, v in reference.state_dict().items()}
-    hf_shapes = {k: v for k, v in hf_shapes.items() if not k.startswith(convert.VISION_PREFIX)}
+    if part == "language_model":
+        hf_shapes = {k: v for k, v in hf_shapes.items() if not k.startswith(convert.VISION_PREFIX)}
     ours = convert.expected_hf_shapes(config)
-    assert len(ours) == 28 * 12 + 3 == len(hf_shapes)
+    assert len(ours) == len(hf_shapes) == (28 * 12 + 3 if part == "language_model" else 28 * 12 + 3 + 32 * 12 + 6)
     assert ours == hf_shapes
     total = sum(int(np.prod(s)) for s in ours.values())
-    print(f"Qwen2.5-VL-7B language model: {len(ours)} tensors, {total / 1e9:.3f} B parameters")
+    print(f"Qwen2.5-VL-7B {part}: {len(ours)} tensors, {total / 1e9:.3f} B parameters")
 
 
 def test_from_hf_config_rejects_unsupported():

@@ -1,20 +1,23 @@
 """Hugging Face checkpoint <-> param pytree, one tensor at a time.
 
 The conversion table is derived from the abstract param tree: every leaf path maps to
-one HF tensor name (`layers_3` <-> `layers.3`; `kernel`, `embedding`, `scale` <->
-`weight`) and one transform:
-  - kernel: HF Linear weight [out, in] -> transpose -> reshape to the DenseGeneral
-    kernel (`[D, H, head_dim]` for q/k/v, `[H, head_dim, D]` for o_proj);
+one HF tensor name (`layers_3` <-> `layers.3`, `mlp_0` <-> `mlp.0`; `kernel`,
+`embedding`, `scale` <-> `weight`) and one transform:
+  - kernel: HF Linear weight [out, in] -> transpose -> reshape to our einsum kernel
+    (`[D, H, head_dim]` for q/k/v, `[H, head_dim, D]` for output projections,
+    `[D, 3, H, head_dim]` for the vision qkv); the vision patch Conv3d weight
+    [D, C, T, p, p] is flattened to the linear map it is;
   - bias: reshape (q/k/v bias [H * head_dim] -> [H, head_dim]);
   - embedding, scale: unchanged.
-Names written by transformers 5 in memory (`model.language_model.*`) are accepted
-as aliases of the on-disk layout (`model.*`), which is what we write back.
+Names written by transformers 5 in memory (`model.language_model.*`,
+`model.visual.*`) are accepted as aliases of the on-disk layout (`model.*`,
+`visual.*`), which is what we write back.
 """
 
 import json
 import os
 import re
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -26,15 +29,26 @@ from tqdm import tqdm
 from rwr_jax.models import safetensors_io
 from rwr_jax.models.qwen2_vl.config import DecoderConfig
 from rwr_jax.models.qwen2_vl.decoder import DecoderLM
+from rwr_jax.models.qwen2_vl.model import VisionLanguageLM, VLConfig
+from rwr_jax.models.qwen2_vl.vision import VisionInputs
 
 Path = tuple[str, ...]
+ModelConfig = DecoderConfig | VLConfig
 
 # transformers 5 in-memory prefixes -> the on-disk layout of released checkpoints.
 _ALIASES = ((re.compile(r"^model\.language_model\."), "model."), (re.compile(r"^model\.visual\."), "visual."))
 # Tensors that carry no parameters (old checkpoints saved rotary buffers).
 _NON_PARAMETERS = re.compile(r"\.rotary_emb\.inv_freq$")
-# Tensors of the vision tower, converted by the multimodal model (not the decoder).
+# Tensors of the vision tower; a text-only DecoderConfig skips them.
 VISION_PREFIX = "visual."
+
+
+class Entry(NamedTuple):
+    """One row of the conversion table."""
+
+    path: Path  # our param path
+    shape: tuple[int, ...]  # our shape
+    hf_shape: tuple[int, ...]  # the checkpoint's shape
 
 
 def hf_name(path: Path) -> str:
@@ -51,11 +65,22 @@ def canonical_hf_name(name: str) -> str:
     return name
 
 
-def abstract_params(config: DecoderConfig) -> dict[str, Any]:
-    """Shapes/dtypes of the decoder params (no memory), boxed with logical axis names."""
-    model = DecoderLM(config)
+def build_model(config: ModelConfig) -> DecoderLM:
+    """The Linen model of a config: DecoderLM, or VisionLanguageLM for a VLConfig."""
+    return VisionLanguageLM.from_config(config) if isinstance(config, VLConfig) else DecoderLM(config)
+
+
+def abstract_params(config: ModelConfig) -> dict[str, Any]:
+    """Shapes/dtypes of the params (no memory), boxed with logical axis names."""
+    model = build_model(config)
     tokens = jnp.zeros((1, 1), jnp.int32)
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, tokens, tokens > 0))["params"]
+    kwargs = {}
+    if isinstance(config, VLConfig):
+        unit = config.vision.merge_unit
+        kwargs["images"] = VisionInputs(
+            patches=jnp.zeros((1, unit, config.vision.patch_dim)), positions=jnp.zeros((1, unit, 2), jnp.int32),
+            window_ids=jnp.zeros((1, unit), jnp.int32), patch_mask=jnp.ones((1, unit), bool))
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, tokens, tokens >= 0, **kwargs))["params"]
 
 
 def _flatten(tree) -> dict[Path, Any]:
@@ -63,44 +88,49 @@ def _flatten(tree) -> dict[Path, Any]:
     return {tuple(k.key for k in path): leaf for path, leaf in flat}
 
 
-def _input_dims(path: Path) -> int:
-    return 2 if path[-2] == "o_proj" else 1
-
-
-def _to_ours(path: Path, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    if path[-1] == "kernel":
-        return array.T.reshape(shape)
-    return array.reshape(shape)
-
-
-def _to_hf(path: Path, array: np.ndarray) -> np.ndarray:
-    if path[-1] == "kernel":
-        n_in = _input_dims(path)
-        fan_in = int(np.prod(array.shape[:n_in]))
-        return array.reshape(fan_in, -1).T
+def _hf_shape(path: Path, shape: tuple[int, ...], config: ModelConfig) -> tuple[int, ...]:
     if path[-1] == "bias":
-        return array.reshape(-1)
-    return array
+        return (int(np.prod(shape)),)
+    if path[-1] != "kernel":
+        return shape
+    if path[-3:-1] == ("patch_embed", "proj"):
+        v = config.vision
+        return (shape[1], v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    # Output projections of attention read [heads, head_dim]; everything else one axis.
+    n_in = 2 if path[-2] == "o_proj" or path[-3:-1] == ("attn", "proj") else 1
+    return (int(np.prod(shape[n_in:])), int(np.prod(shape[:n_in])))
 
 
-def conversion_table(config: DecoderConfig) -> dict[str, tuple[Path, tuple[int, ...]]]:
-    """HF tensor name -> (our param path, our shape), for every decoder parameter."""
-    return {hf_name(path): (path, tuple(nn.unbox(leaf).shape))
-            for path, leaf in _flatten(abstract_params(config)).items()}
+def conversion_table(config: ModelConfig) -> dict[str, Entry]:
+    """HF tensor name -> Entry, for every parameter of the model."""
+    table = {}
+    for path, leaf in _flatten(abstract_params(config)).items():
+        shape = tuple(nn.unbox(leaf).shape)
+        table[hf_name(path)] = Entry(path, shape, _hf_shape(path, shape, config))
+    return table
 
 
-def expected_hf_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
+def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """HF tensor name -> the shape it must have in a checkpoint of this config."""
-    shapes = {}
-    for name, (path, shape) in conversion_table(config).items():
-        shapes[name] = _to_hf(path, np.empty(shape, np.int8)).shape
-    return shapes
+    return {name: entry.hf_shape for name, entry in conversion_table(config).items()}
 
 
-def check_params_match(params: dict[str, Any], config: DecoderConfig, where: str) -> None:
+def _to_ours(array: np.ndarray, entry: Entry) -> np.ndarray:
+    if entry.path[-1] == "kernel":
+        return array.reshape(array.shape[0], -1).T.reshape(entry.shape)
+    return array.reshape(entry.shape)
+
+
+def _to_hf(array: np.ndarray, entry: Entry) -> np.ndarray:
+    if entry.path[-1] == "kernel":
+        fan_in = entry.hf_shape[1] if len(entry.hf_shape) == 2 else int(np.prod(entry.hf_shape[1:]))
+        return array.reshape(fan_in, -1).T.reshape(entry.hf_shape)
+    return array.reshape(entry.hf_shape)
+
+
+def check_params_match(params: dict[str, Any], config: ModelConfig, where: str) -> None:
     """Raises ValueError naming the first param whose presence or shape differs from `config`."""
-    table = conversion_table(config)
-    expected = {path: shape for path, shape in table.values()}
+    expected = {entry.path: entry.shape for entry in conversion_table(config).values()}
     found = {path: tuple(np.shape(nn.unbox(leaf))) for path, leaf in _flatten(params).items()}
     for path in sorted(set(expected) | set(found)):
         name = hf_name(path)
@@ -122,58 +152,60 @@ def _unflatten(flat: dict[Path, Any]) -> dict[str, Any]:
     return tree
 
 
+def _param_dtype(config: ModelConfig, path: Path):
+    if isinstance(config, VLConfig):
+        return jnp.dtype(config.vision.param_dtype) if path[0] == "visual" else config.text.jnp_param_dtype
+    return config.jnp_param_dtype
+
+
 def load_hf_params(
     checkpoint_dir: str,
-    config: DecoderConfig,
+    config: ModelConfig,
     *,
     shardings: Any = None,
-    skip_prefixes: tuple[str, ...] = (VISION_PREFIX,),
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Streams a HF safetensors checkpoint into the decoder param pytree.
+    """Streams a HF safetensors checkpoint into the param pytree.
 
     Args:
       checkpoint_dir: directory with `model.safetensors` or sharded files + index.
-      config: the decoder config the checkpoint must match.
+      config: the config the checkpoint must match: a VLConfig loads everything; a
+        DecoderConfig loads the language model and skips `visual.*` tensors.
       shardings: optional pytree of `jax.sharding.Sharding` matching the params; each
         tensor is placed with it as it is read (works multi-host).
-      skip_prefixes: HF name prefixes that belong to other modules (the vision tower).
       progress: show a progress bar.
 
     Returns:
-      The param pytree in `config.param_dtype`.
+      The param pytree in the config's param dtype(s).
 
     Raises:
       ValueError: a tensor is missing, unexpected, or has the wrong shape; the message
         names the tensor, the expected and the found shape.
     """
     table = conversion_table(config)
-    expected = expected_hf_shapes(config)
+    text = config.text if isinstance(config, VLConfig) else config
+    skip_prefixes = () if isinstance(config, VLConfig) else (VISION_PREFIX,)
     flat_shardings = _flatten(shardings) if shardings is not None else {}
-    dtype = config.jnp_param_dtype
     loaded: dict[Path, jax.Array] = {}
     skipped = 0
-    tensors = _iter_checkpoint(checkpoint_dir)
-    for name, array in tqdm(tensors, desc=f"loading {checkpoint_dir}", unit="tensor", disable=not progress,
-                            total=len(safetensors_io.tensor_shapes(checkpoint_dir))):
+    for name, array in tqdm(_iter_checkpoint(checkpoint_dir), desc=f"loading {checkpoint_dir}", unit="tensor",
+                            disable=not progress, total=len(safetensors_io.tensor_shapes(checkpoint_dir))):
         name = canonical_hf_name(name)
-        if name.startswith(skip_prefixes) or _NON_PARAMETERS.search(name):
+        if name.startswith(skip_prefixes) or _NON_PARAMETERS.search(name) or (
+                name == "lm_head.weight" and text.tie_word_embeddings):  # some tied checkpoints store it twice
             skipped += 1
-            continue
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            skipped += 1  # some tied checkpoints store the shared matrix twice
             continue
         if name not in table:
             raise ValueError(f"{checkpoint_dir}: unexpected tensor {name} {tuple(array.shape)}: the config "
-                             f"(num_layers={config.num_layers}, tie_word_embeddings="
-                             f"{config.tie_word_embeddings}) has no such parameter")
-        if tuple(array.shape) != expected[name]:
+                             f"(num_layers={text.num_layers}, tie_word_embeddings={text.tie_word_embeddings}) "
+                             "has no such parameter")
+        entry = table[name]
+        if tuple(array.shape) != entry.hf_shape:
             raise ValueError(f"{checkpoint_dir}: tensor {name} has shape {tuple(array.shape)}, "
-                             f"expected {expected[name]} for this config")
-        path, shape = table[name]
-        value = np.asarray(_to_ours(path, array, shape), dtype=dtype)
-        loaded[path] = _place(value, flat_shardings.get(path))
-    missing = sorted(name for name, (path, _) in table.items() if path not in loaded)
+                             f"expected {entry.hf_shape} for this config")
+        value = np.asarray(_to_ours(array, entry), dtype=_param_dtype(config, entry.path))
+        loaded[entry.path] = _place(value, flat_shardings.get(entry.path))
+    missing = sorted(name for name, entry in table.items() if entry.path not in loaded)
     if missing:
         raise ValueError(f"{checkpoint_dir}: {len(missing)} tensors missing from the checkpoint, e.g. "
                          f"{missing[:5]}")
@@ -192,22 +224,27 @@ def _place(value: np.ndarray, sharding) -> jax.Array:
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
-def iter_hf_tensors(params: dict[str, Any], dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:
+def iter_hf_tensors(params: dict[str, Any], config: ModelConfig,
+                    dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:
     """Yields (HF name, array) for every param, gathering one tensor at a time.
 
     Args:
-      params: decoder param pytree (possibly sharded).
+      params: param pytree of `config` (possibly sharded).
+      config: its config.
       dtype: optional output dtype (e.g. ml_dtypes.bfloat16); default keeps each dtype.
     """
+    check_params_match(params, config, where="params")
+    table = {entry.path: entry for entry in conversion_table(config).values()}
     for path, leaf in _flatten(params).items():
         array = np.asarray(jax.device_get(nn.unbox(leaf)))
         if dtype is not None:
             array = array.astype(dtype)
-        yield hf_name(path), _to_hf(path, array)
+        yield hf_name(path), _to_hf(array, table[path])
 
 
 def save_hf_checkpoint(
     params: dict[str, Any],
+    config: ModelConfig,
     hf_config: dict[str, Any],
     out_dir: str,
     *,
@@ -217,15 +254,16 @@ def save_hf_checkpoint(
     """Writes params as a HF checkpoint directory that `from_pretrained` loads.
 
     Args:
-      params: decoder param pytree.
+      params: param pytree of `config`.
+      config: its config.
       hf_config: the `config.json` to write (e.g. the source checkpoint's, or
         `to_hf_config(config)`).
       out_dir: target directory.
       dtype: optional output dtype of every tensor.
       max_shard_bytes: shard size limit.
     """
-    tensors = iter_hf_tensors(params, dtype)
-    count = sum(1 for _ in _flatten(params))
+    tensors = iter_hf_tensors(params, config, dtype)
+    count = len(_flatten(params))
     files = safetensors_io.write_checkpoint(
         out_dir, tqdm(tensors, desc=f"writing {out_dir}", unit="tensor", total=count), max_shard_bytes)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
