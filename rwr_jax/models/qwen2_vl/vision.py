@@ -127,6 +127,18 @@ class VisionInputs:
     patch_mask: jax.Array
 
 
+def patch_bucket(num_patches: int, config: VisionConfig, minimum: int = 64) -> int:
+    """The patch-count bucket of an image: the next power of two >= num_patches.
+
+    Images of different sizes share one compiled vision tower per bucket; padding
+    wastes at most half of a bucket.
+    """
+    bucket = max(minimum, config.merge_unit)
+    while bucket < num_patches:
+        bucket *= 2
+    return bucket
+
+
 def pack_images(pixel_values: np.ndarray, grid_thw: np.ndarray, config: VisionConfig, num_images: int,
                 num_patches: int) -> VisionInputs:
     """Splits the processor's concatenated patches into a padded [N, P] batch.
