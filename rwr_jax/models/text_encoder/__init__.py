@@ -1,0 +1,1 @@
+"""Dense text encoders for retrieval (BERT / XLM-RoBERTa families, e.g. MiniLM, BGE-M3)."""
