@@ -93,3 +93,20 @@ def test_text_positions_left_padding():
     mask = jnp.asarray([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 0, 1, 1]], bool)
     np.testing.assert_array_equal(np.asarray(inference.text_positions(mask)),
                                   [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 0, 1, 2]])
+
+
+@pytest.mark.parametrize("policy", ["full", "dots_saveable"])
+def test_remat_policies_keep_loss_and_gradients(policy):
+    config, model, params, tokens, mask, positions = _setup("qwen2")
+
+    def loss(model):
+        def fn(p):
+            logits, _ = model.apply({"params": p}, tokens, positions, mask)
+            return jnp.mean(jax.nn.log_softmax(logits)[..., 0] * mask)
+        return jax.jit(jax.value_and_grad(fn))(params)
+
+    base_loss, base_grads = loss(model)
+    remat_loss, remat_grads = loss(DecoderLM(config.replace(remat_policy=policy)))
+    np.testing.assert_allclose(remat_loss, base_loss, rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(remat_grads), jax.tree_util.tree_leaves(base_grads)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)

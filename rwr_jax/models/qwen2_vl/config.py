@@ -146,6 +146,8 @@ def from_hf_config(hf: dict[str, Any], where: str = "config.json", **overrides: 
         raise ValueError(f"{where}: hidden_act must be 'silu', got {text['hidden_act']!r}")
     if text.get("mlp_bias", False):
         raise ValueError(f"{where}: mlp_bias=true is not supported")
+    if text.get("use_sliding_window", False):
+        raise ValueError(f"{where}: use_sliding_window=true is not supported (sliding-window attention)")
     if model_type in _FIXED_BIAS:
         qkv_bias, o_bias = _FIXED_BIAS[model_type]
     else:
