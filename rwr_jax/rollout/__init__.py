@@ -1,0 +1,1 @@
+"""Rollouts: sampling, the decode loop, and retrieval-interleaved generation."""

@@ -1,0 +1,262 @@
+"""Retrieval-interleaved rollouts: decode, pause at `</query>`, retrieve, extend, resume.
+
+    trajectory = rollout(model, params, prompts, tokenizer, retrieve, config, key)
+
+Round r: every active row decodes until it stops (EOS, `</answer>`, `</query>`, the
+round budget). Rows paused at `</query>` go back to the host together: their queries
+are parsed from the tokens they wrote this round, searched in one call, and each
+row's `<retrieve> (1) …\\n(2) …\\n(3) …\\n </retrieve>` block is tokenised once and
+appended to the KV cache with one jitted chunked prefill ("extend"), at the positions
+that continue the row's text. Sampled tokens are never re-tokenised; the loss mask
+and block kinds come from who wrote each token.
+"""
+
+import dataclasses
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rwr_jax.models.kv_cache import KVCache
+from rwr_jax.rollout import sampler, stop_strings
+from rwr_jax.rollout.trajectory import FINISH_REASONS, Passage, Trajectory
+
+Retrieve = Callable[[list[str]], list[list[Passage]]]
+_QUERY_OPEN, _QUERY_CLOSE = "<query>", "</query>"
+FINISH_REASONS_INDEX = {name: i for i, name in enumerate(FINISH_REASONS)}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RolloutConfig:
+    """Rollout settings (Med-RwR defaults: 3 rounds, 4,096 new tokens per round).
+
+    Attributes:
+      max_rounds: generation rounds per completion (so max_rounds - 1 retrievals).
+      max_new_tokens_per_round: model tokens a row may write per round.
+      max_completion_length: completion slots per row, model + retrieved tokens.
+      group_size: G completions per prompt, sharing one prefill.
+      sampling: temperature / top-p / top-k.
+      extend_bucket: retrieved-block chunks are padded to a multiple of this.
+    """
+
+    max_rounds: int = 3
+    max_new_tokens_per_round: int = 4096
+    max_completion_length: int = 8192
+    group_size: int = 8
+    sampling: sampler.SamplingConfig = sampler.SamplingConfig()
+    extend_bucket: int = 64
+
+    def __post_init__(self):
+        for name in ("max_rounds", "max_new_tokens_per_round", "max_completion_length", "group_size",
+                     "extend_bucket"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
+
+
+def parse_query(text: str) -> str:
+    """The query of a round: text between the last `<query>` and the first `</query>`,
+    surrounding quotes removed, whitespace collapsed ("" if there is none)."""
+    end = text.find(_QUERY_CLOSE)
+    if end < 0:
+        return ""
+    start = text.rfind(_QUERY_OPEN, 0, end)
+    if start < 0:
+        return ""
+    query = " ".join(text[start + len(_QUERY_OPEN):end].split())
+    return query.strip("\"'“”‘’ ").strip()
+
+
+def format_retrieved(passages: Sequence[Passage]) -> str:
+    """Med-RwR's retrieved block: `<retrieve> (1) p1\\n(2) p2\\n </retrieve>`, or None."""
+    if not passages:
+        return "<retrieve> None </retrieve>"
+    return "<retrieve> " + "".join(f"({j}) {p.text}\n" for j, p in enumerate(passages, 1)) + " </retrieve>"
+
+
+@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("state",))
+def extend(model, params, state: sampler.DecodeState, chunk: jax.Array, chunk_mask: jax.Array,
+           env_count: jax.Array) -> sampler.DecodeState:
+    """Appends a chunk per row to the cache and the completions, then reactivates those rows.
+
+    Args:
+      model: the model (static).
+      params: its params.
+      state: decode state after a round (donated).
+      chunk: [B, K] int32: a paused row's pending (sampled) token, then its block ids.
+      chunk_mask: [B, K] bool, True on the real tokens of extended rows.
+      env_count: [B] int32 block tokens per row (chunk length minus the pending token).
+
+    Returns:
+      The state with extended rows active and their next-token logits set.
+    """
+    count = chunk_mask.sum(axis=1).astype(jnp.int32)
+    extended = count > 0
+    positions = state.next_position[:, None] + jnp.arange(chunk.shape[1])[None]
+    if model.config.mrope_section is not None:
+        positions = jnp.broadcast_to(positions, (3, *positions.shape))
+    logits, cache = model.apply({"params": params}, chunk, positions, chunk_mask, state.cache)
+    last = jnp.take_along_axis(logits, jnp.maximum(count - 1, 0)[:, None, None], axis=1)[:, 0]
+    # Block ids go after the pending token, which the completion already holds.
+    rows = jnp.arange(chunk.shape[0])[:, None]
+    j = jnp.arange(chunk.shape[1] - 1)[None]
+    slot = jnp.where(j < env_count[:, None], state.length[:, None] + j, state.tokens.shape[1])
+    return state.replace(
+        cache=cache,
+        logits=jnp.where(extended[:, None], last.astype(jnp.float32), state.logits),
+        tokens=state.tokens.at[rows, slot].set(chunk[:, 1:], mode="drop"),
+        source=state.source.at[rows, slot].set(jnp.int8(sampler.SOURCE_ENV), mode="drop"),
+        logprobs=state.logprobs.at[rows, slot].set(0.0, mode="drop"),
+        length=state.length + env_count,
+        next_position=state.next_position + count,
+        active=extended,
+        round_tokens=jnp.zeros_like(state.round_tokens),
+        stop_reason=jnp.where(extended, sampler.RUNNING, state.stop_reason),
+        stop_tail=jnp.where(extended[:, None], jnp.zeros_like(state.stop_tail), state.stop_tail))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "group_size", "cache_length"))
+def prefill_group(model, params, tokens, token_mask, positions, images, *, group_size: int, cache_length: int):
+    """Prefills each prompt once and copies its cache to its G completions.
+
+    Returns:
+      (cache with P * G rows, [P * G, V] last-token logits).
+    """
+    cache = KVCache.init(num_layers=model.config.num_layers, batch=tokens.shape[0], max_length=cache_length,
+                         num_kv_heads=model.config.num_kv_heads, head_dim=model.config.head_dim,
+                         dtype=model.config.jnp_dtype)
+    kwargs = {} if images is None else {"images": images}
+    logits, cache = model.apply({"params": params}, tokens, positions, token_mask, cache, **kwargs)
+    repeat = functools.partial(jnp.repeat, repeats=group_size, axis=0)
+    cache = cache.replace(keys=jnp.repeat(cache.keys, group_size, axis=1),
+                          values=jnp.repeat(cache.values, group_size, axis=1), key_mask=repeat(cache.key_mask))
+    return cache, repeat(logits[:, -1].astype(jnp.float32))
+
+
+@dataclasses.dataclass(kw_only=True)
+class PromptBatch:
+    """P left-padded prompts (host arrays).
+
+    Attributes:
+      tokens: [P, T] int32.
+      token_mask: [P, T] bool.
+      positions: [P, T] int32 (text model) or [3, P, T] int32 (mRoPE, `positions.rope_index`).
+      images: optional VisionInputs of the prompts' images.
+    """
+
+    tokens: np.ndarray
+    token_mask: np.ndarray
+    positions: np.ndarray
+    images: object = None
+
+
+def _round_text(tokenizer, tokens: np.ndarray, source: np.ndarray, start: int, end: int) -> str:
+    ids = tokens[start:end][source[start:end] == sampler.SOURCE_MODEL]
+    return tokenizer.decode(ids.tolist(), skip_special_tokens=False)
+
+
+def _block_ids(tokenizer, passages: list[list[Passage]], limit: int) -> list[list[int]]:
+    """Tokenises each row's retrieved block once, trimming passages to fit `limit` tokens."""
+    blocks = []
+    for row in passages:
+        ids = tokenizer.encode(format_retrieved(row), add_special_tokens=False)
+        keep = list(row)
+        while len(ids) > limit and keep:
+            # Shorten the longest passage by a quarter until the block fits.
+            longest = max(range(len(keep)), key=lambda i: len(keep[i].text))
+            text = keep[longest].text
+            keep[longest] = keep[longest]._replace(text=text[:max(0, len(text) * 3 // 4 - 1)])
+            if not keep[longest].text:
+                keep.pop(longest)
+            ids = tokenizer.encode(format_retrieved(keep), add_special_tokens=False)
+        blocks.append(ids)
+    return blocks
+
+
+def rollout(model, params, prompts: PromptBatch, tokenizer, retrieve: Retrieve, config: RolloutConfig,
+            key: jax.Array, *, stop_tables: stop_strings.StopTables, eos_ids: tuple[int, ...],
+            max_retrieved_tokens: int = 1024) -> Trajectory:
+    """Samples G completions per prompt with retrieval rounds.
+
+    Args:
+      model: DecoderLM or VisionLanguageLM.
+      params: its params.
+      prompts: P prompts.
+      tokenizer: decodes model text (queries) and encodes retrieved blocks.
+      retrieve: queries -> passages per query (one call per round).
+      config: rollout settings.
+      key: PRNG key.
+      stop_tables: from `stop_strings.build_stop_tables` for ("</query>", "</answer>").
+      eos_ids: ids that end a completion.
+      max_retrieved_tokens: a retrieved block is trimmed to this many tokens.
+
+    Returns:
+      Trajectory of P * G rows.
+    """
+    num_prompts, prompt_length = prompts.tokens.shape
+    g, capacity = config.group_size, config.max_completion_length
+    chunk = -(-(max_retrieved_tokens + 1) // config.extend_bucket) * config.extend_bucket
+    cache_length = (prompt_length + config.max_rounds * config.max_new_tokens_per_round
+                    + (config.max_rounds - 1) * chunk)
+    cache, logits = prefill_group(model, params, jnp.asarray(prompts.tokens), jnp.asarray(prompts.token_mask, bool),
+                                  jnp.asarray(prompts.positions), prompts.images, group_size=g,
+                                  cache_length=cache_length)
+    text_positions = prompts.positions if prompts.positions.ndim == 2 else prompts.positions.max(axis=0)
+    next_position = np.repeat(np.where(prompts.token_mask, text_positions, -1).max(axis=1) + 1, g)
+    batch = num_prompts * g
+    tables = jax.tree_util.tree_map(jnp.asarray, stop_tables)
+    state = sampler.DecodeState(
+        cache=cache, logits=logits, tokens=jnp.zeros((batch, capacity), jnp.int32),
+        source=jnp.zeros((batch, capacity), jnp.int8), logprobs=jnp.zeros((batch, capacity), jnp.float32),
+        length=jnp.zeros((batch,), jnp.int32), next_position=jnp.asarray(next_position, jnp.int32),
+        active=jnp.ones((batch,), bool), round_tokens=jnp.zeros((batch,), jnp.int32),
+        stop_reason=jnp.zeros((batch,), jnp.int32), stop_tail=stop_strings.initial_tail(batch, tables), key=key)
+    finish = np.zeros((batch,), np.int32)
+    rounds = np.zeros((batch,), np.int32)
+    queries: list[list[str]] = [[] for _ in range(batch)]
+    passages: list[list[list[Passage]]] = [[] for _ in range(batch)]
+    round_start = np.zeros((batch,), np.int64)
+    for round_index in range(config.max_rounds):
+        ran = np.asarray(state.active)
+        rounds += ran
+        state = sampler.decode_round(model, params, state, tables, sampling=config.sampling, eos_ids=eos_ids,
+                                     round_budget=config.max_new_tokens_per_round)
+        reason, length = np.asarray(state.stop_reason), np.asarray(state.length)
+        paused = np.flatnonzero(ran & (reason == sampler.STOP_QUERY))
+        finish = np.where(ran, reason, finish)
+        if not len(paused):
+            break
+        tokens, source = np.asarray(state.tokens), np.asarray(state.source)
+        round_queries = {b: parse_query(_round_text(tokenizer, tokens[b], source[b], round_start[b], length[b]))
+                         for b in paused}
+        if round_index == config.max_rounds - 1:
+            finish[paused] = FINISH_REASONS_INDEX["max_rounds"]
+            break
+        searchable = [b for b in paused if round_queries[b]]
+        finish[[b for b in paused if not round_queries[b]]] = FINISH_REASONS_INDEX["empty_query"]
+        results = retrieve([round_queries[b] for b in searchable]) if searchable else []
+        blocks = _block_ids(tokenizer, results, max_retrieved_tokens)
+        chunk_ids = np.zeros((batch, chunk), np.int32)
+        chunk_mask = np.zeros((batch, chunk), bool)
+        env_count = np.zeros((batch,), np.int32)
+        for b, ids, found in zip(searchable, blocks, results):
+            if length[b] + len(ids) > capacity:
+                finish[b] = FINISH_REASONS_INDEX["total_budget"]
+                continue
+            queries[b].append(round_queries[b])
+            passages[b].append(list(found))
+            chunk_ids[b, :1 + len(ids)] = [tokens[b, length[b] - 1]] + ids
+            chunk_mask[b, :1 + len(ids)] = True
+            env_count[b] = len(ids)
+            round_start[b] = length[b] + len(ids)
+            finish[b] = FINISH_REASONS_INDEX["running"]
+        if not env_count.any():
+            break
+        state = extend(model, params, state, jnp.asarray(chunk_ids), jnp.asarray(chunk_mask), jnp.asarray(env_count))
+    repeat = functools.partial(np.repeat, repeats=g, axis=0)
+    return Trajectory(
+        prompt_tokens=repeat(prompts.tokens), prompt_mask=repeat(prompts.token_mask).astype(bool),
+        prompt_positions=np.repeat(prompts.positions, g, axis=prompts.positions.ndim - 2),
+        tokens=np.asarray(state.tokens), source=np.asarray(state.source), logprobs=np.asarray(state.logprobs),
+        length=np.asarray(state.length), rounds=rounds, finish_reason=finish, queries=queries, passages=passages)

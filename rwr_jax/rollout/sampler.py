@@ -1,0 +1,187 @@
+"""The jitted decode loop: sample, record, stop per row, feed the token back.
+
+One `lax.while_loop` generates for every active row until each has stopped: at EOS,
+at `</answer>`, at `</query>` (a pause: the caller retrieves and extends), or at the
+round's token budget. Rows write their tokens into a compact completion buffer; the
+KV cache gets one slot per step for every row (inactive rows write masked slots), so
+all shapes are static.
+"""
+
+import dataclasses
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from rwr_jax.models.kv_cache import KVCache
+from rwr_jax.rollout import stop_strings
+
+# Why a row stopped generating.
+RUNNING, STOP_EOS, STOP_ANSWER, STOP_QUERY, STOP_ROUND_BUDGET, STOP_TOTAL_BUDGET = range(6)
+# Who wrote a completion token.
+SOURCE_PAD, SOURCE_MODEL, SOURCE_ENV = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """How tokens are drawn.
+
+    Attributes:
+      temperature: logits are divided by it; 0 means greedy.
+      top_p: nucleus sampling threshold (1 = off).
+      top_k: keep the k most likely tokens (0 = off).
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"sampling.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"sampling.top_k must be >= 0, got {self.top_k}")
+
+
+def sample_tokens(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+    """Draws one token per row.
+
+    Args:
+      logits: [B, V] float.
+      key: PRNG key.
+      config: sampling settings (static).
+
+    Returns:
+      (tokens [B] int32, logprobs [B] float32): the log-probability of each token under
+      softmax(logits / temperature) (the policy the trainer recomputes; top-p / top-k
+      only restrict which tokens can be drawn). Greedy rows get log softmax(logits).
+    """
+    logits = logits.astype(jnp.float32)
+    if config.temperature == 0:
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        logprobs = jax.nn.log_softmax(logits, axis=-1)
+    else:
+        scaled = logits / config.temperature
+        logprobs = jax.nn.log_softmax(scaled, axis=-1)
+        tokens = jax.random.categorical(key, _restrict(scaled, config), axis=-1).astype(jnp.int32)
+    return tokens, jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+
+
+def _restrict(logits: jax.Array, config: SamplingConfig) -> jax.Array:
+    if config.top_k:
+        kth = jax.lax.top_k(logits, config.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if config.top_p < 1:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always).
+        keep = (cumulative - jax.nn.softmax(sorted_logits, axis=-1)) < config.top_p
+        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return logits
+
+
+@flax.struct.dataclass(kw_only=True)
+class DecodeState:
+    """Everything the decode loop carries (B rows, C completion slots).
+
+    Attributes:
+      cache: the KV cache, one slot per step for every row.
+      logits: [B, V] float32 next-token logits of each row.
+      tokens: [B, C] int32 completion tokens (model and environment), compact.
+      source: [B, C] int8 SOURCE_* of each completion token.
+      logprobs: [B, C] float32 sampler log-probabilities (0 for environment tokens).
+      length: [B] int32 tokens in each row's completion.
+      next_position: [B] int32 text rotary position of each row's next token.
+      active: [B] bool rows still generating in this round.
+      round_tokens: [B] int32 tokens generated in this round.
+      stop_reason: [B] int32 STOP_* of the last stop (RUNNING while active).
+      stop_tail: [B, m - 1] uint8 recent bytes for stop-string matching.
+      key: PRNG key.
+    """
+
+    cache: KVCache
+    logits: jax.Array
+    tokens: jax.Array
+    source: jax.Array
+    logprobs: jax.Array
+    length: jax.Array
+    next_position: jax.Array
+    active: jax.Array
+    round_tokens: jax.Array
+    stop_reason: jax.Array
+    stop_tail: jax.Array
+    key: jax.Array
+
+
+def _positions_for(model, next_position: jax.Array) -> jax.Array:
+    """[B] text positions -> the model's position layout ([B] or [3, B])."""
+    if model.config.mrope_section is None:
+        return next_position
+    return jnp.broadcast_to(next_position, (3, *next_position.shape))
+
+
+def _step(model, params, sampling: SamplingConfig, tables: stop_strings.StopTables, eos_ids: tuple[int, ...],
+          round_budget: int, state: DecodeState) -> DecodeState:
+    """Samples one token per row, records it, applies stop rules, and feeds it back."""
+    key, sample_key = jax.random.split(state.key)
+    token, logprob = sample_tokens(state.logits, sample_key, sampling)
+    rows = jnp.arange(token.shape[0])
+    active = state.active
+    capacity = state.tokens.shape[1]
+    write = jnp.minimum(state.length, capacity - 1)
+    tokens = state.tokens.at[rows, write].set(jnp.where(active, token, state.tokens[rows, write]))
+    source = state.source.at[rows, write].set(jnp.where(active, SOURCE_MODEL, state.source[rows, write]))
+    logprobs = state.logprobs.at[rows, write].set(jnp.where(active, logprob, state.logprobs[rows, write]))
+    length = state.length + active
+    round_tokens = state.round_tokens + active
+    matched, tail = stop_strings.match_stop(tables, state.stop_tail, token)
+    tail = jnp.where(active[:, None], tail, state.stop_tail)
+    is_eos = jnp.isin(token, jnp.asarray(eos_ids, jnp.int32))
+    # First matching rule wins; order = priority.
+    reason = jnp.select(
+        [is_eos, matched[:, 1], matched[:, 0], round_tokens >= round_budget, length >= capacity],
+        [STOP_EOS, STOP_ANSWER, STOP_QUERY, STOP_ROUND_BUDGET, STOP_TOTAL_BUDGET], RUNNING)
+    stop = active & (reason != RUNNING)
+    still_active = active & ~stop
+    # Feed the token of rows that go on (a paused row's token enters the cache with its
+    # retrieved block; see engine.extend).
+    logits, cache = model.apply({"params": params}, token[:, None], _positions_for(model, state.next_position)[..., None],
+                                still_active[:, None], state.cache)
+    return state.replace(
+        cache=cache, logits=jnp.where(still_active[:, None], logits[:, 0].astype(jnp.float32), state.logits),
+        tokens=tokens, source=source, logprobs=logprobs, length=length,
+        next_position=state.next_position + still_active, active=still_active, round_tokens=round_tokens,
+        stop_reason=jnp.where(stop, reason, state.stop_reason), stop_tail=tail, key=key)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "sampling", "eos_ids", "round_budget"),
+                   donate_argnames=("state",))
+def decode_round(model, params, state: DecodeState, tables: stop_strings.StopTables, *, sampling: SamplingConfig,
+                 eos_ids: tuple[int, ...], round_budget: int) -> DecodeState:
+    """Generates until every active row has stopped (or the cache is full).
+
+    Args:
+      model: DecoderLM or VisionLanguageLM (static).
+      params: its params.
+      state: DecodeState with `active` rows to run (donated).
+      tables: stop-string tables (device arrays).
+      sampling: sampling settings.
+      eos_ids: token ids that end a completion.
+      round_budget: new tokens a row may write in this round.
+
+    Returns:
+      The state with every row inactive; `stop_reason` says why each stopped.
+    """
+    step = functools.partial(_step, model, params, sampling, tables, eos_ids, round_budget)
+
+    def keep_going(state):
+        return jnp.any(state.active) & (state.cache.end_index < state.cache.max_length)
+
+    state = jax.lax.while_loop(keep_going, step, state)
+    # Rows still active here ran out of cache: a total-budget stop.
+    return state.replace(stop_reason=jnp.where(state.active, STOP_TOTAL_BUDGET, state.stop_reason),
+                         active=jnp.zeros_like(state.active))
