@@ -38,6 +38,7 @@ setup(
         "absl-py>=2.1,<3",
         "tqdm>=4.66,<5",
         "pillow>=10,<14",
+        "tensorboardX==2.6.5",
     ],
     extras_require={
         "tpu": [f"jax[tpu]=={JAX}"],

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from rwr_jax.models import safetensors_io
+from rwr_jax.models import checkpoint_io
 from tests.models import hf_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,8 +49,8 @@ def test_convert_checkpoint_both_directions(tmp_path):
     _run("launch/convert_checkpoint.py", "--direction=hf_to_jax", f"--src={source}", f"--dst={tmp_path / 'jax'}")
     _run("launch/convert_checkpoint.py", "--direction=jax_to_hf", f"--src={tmp_path / 'jax'}",
          f"--dst={tmp_path / 'back'}")
-    read = lambda d: {n: np.array(a) for p in safetensors_io.checkpoint_files(str(d))  # noqa: E731
-                      for n, a in safetensors_io.iter_file_tensors(p)}
+    read = lambda d: {n: np.array(a) for p in checkpoint_io.checkpoint_files(str(d))  # noqa: E731
+                      for n, a in checkpoint_io.iter_file_tensors(p)}
     before, after = read(source), read(tmp_path / "back")
     assert sorted(before) == sorted(after)
     for name in before:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rwr_jax.models import safetensors_io
+from rwr_jax.models import checkpoint_io
 from rwr_jax.models.qwen2_vl import convert
 from rwr_jax.models.qwen2_vl.config import from_hf_config, read_hf_config
 from rwr_jax.models.qwen2_vl.decoder import DecoderLM
@@ -22,8 +22,8 @@ TESTDATA = os.path.join(os.path.dirname(os.path.dirname(__file__)), "testdata")
 
 
 def _tensors(checkpoint_dir):
-    return {name: np.array(array) for path in safetensors_io.checkpoint_files(checkpoint_dir)
-            for name, array in safetensors_io.iter_file_tensors(path)}
+    return {name: np.array(array) for path in checkpoint_io.checkpoint_files(checkpoint_dir)
+            for name, array in checkpoint_io.iter_file_tensors(path)}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(name, dtype, tmp_path
     params = convert.load_hf_params(str(source), config, progress=False)
     exported = tmp_path / "exported"
     convert.save_hf_checkpoint(params, config, hf_config, str(exported), max_shard_bytes=30_000)
-    assert os.path.isfile(exported / safetensors_io.INDEX_FILE)  # sharded like the source
+    assert os.path.isfile(exported / checkpoint_io.INDEX_FILE)  # sharded like the source
 
     before, after = _tensors(str(source)), _tensors(str(exported))
     if config.tie_word_embeddings:
@@ -127,7 +127,7 @@ def test_to_hf_config_refuses_mrope():
 def _rewrite(src, dst, edit):
     tensors = _tensors(src)
     edit(tensors)
-    safetensors_io.write_checkpoint(dst, tensors.items())
+    checkpoint_io.write_checkpoint(dst, tensors.items())
     with open(os.path.join(src, "config.json")) as f, open(os.path.join(dst, "config.json"), "w") as g:
         g.write(f.read())
     return dst
@@ -160,22 +160,22 @@ def test_bad_directories(tmp_path, qwen2_dir):
     config, _ = read_hf_config(qwen2_dir)
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         convert.load_hf_params(str(tmp_path), config, progress=False)
-    index = json.loads((open(os.path.join(qwen2_dir, safetensors_io.INDEX_FILE)).read()))
+    index = json.loads((open(os.path.join(qwen2_dir, checkpoint_io.INDEX_FILE)).read()))
     index["weight_map"]["extra"] = "model-99999-of-99999.safetensors"
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / safetensors_io.INDEX_FILE).write_text(json.dumps(index))
+    (broken / checkpoint_io.INDEX_FILE).write_text(json.dumps(index))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        safetensors_io.checkpoint_files(str(broken))
+        checkpoint_io.checkpoint_files(str(broken))
 
 
 def test_truncated_file_is_reported(qwen2_dir, tmp_path):
-    path = safetensors_io.checkpoint_files(qwen2_dir)[0]
+    path = checkpoint_io.checkpoint_files(qwen2_dir)[0]
     data = open(path, "rb").read()
     truncated = tmp_path / "model.safetensors"
     truncated.write_bytes(data[:len(data) // 2])
     with pytest.raises(ValueError, match="past the end of the file"):
-        list(safetensors_io.iter_file_tensors(str(truncated)))
+        list(checkpoint_io.iter_file_tensors(str(truncated)))
 
 
 @pytest.mark.parametrize("part", ["language_model", "full"])

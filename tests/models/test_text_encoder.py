@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from rwr_jax import sharding
+from rwr_jax.models import checkpoint_io
 from rwr_jax.models.text_encoder import convert
 from rwr_jax.models.text_encoder.config import from_hf_config, read_encoder_config
 from rwr_jax.models.text_encoder.encode import TextEncoder, power_of_two_buckets
@@ -263,12 +264,12 @@ def test_pytorch_bin_reads_without_torch_like_safetensors(reference, tmp_path):
     """A torch.save'd state dict (bf16, int64 and a strided view included) loads like safetensors."""
     name, hf_model, path = reference
     shutil.copy(os.path.join(path, "config.json"), tmp_path)
-    bin_path = str(tmp_path / convert.TORCH_SINGLE_FILE)
+    bin_path = str(tmp_path / checkpoint_io.TORCH_SINGLE_FILE)
     state = dict(hf_model.state_dict())
     state["pooler.dense.weight"] = torch.randn(4, 6).t()  # strided; skipped by the loader
     state["embeddings.position_ids"] = torch.arange(32)[None]  # an int64 buffer, skipped
     torch.save(state, bin_path)
-    for key, array in convert.iter_torch_file(bin_path):
+    for key, array in checkpoint_io.iter_torch_file(bin_path):
         assert array.dtype == state[key].numpy().dtype
         np.testing.assert_array_equal(array, state[key].numpy(), err_msg=key)
     config = read_encoder_config(path)
@@ -276,16 +277,16 @@ def test_pytorch_bin_reads_without_torch_like_safetensors(reference, tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, from_bin, convert.load_hf_params(path, config))
     bf16 = {k: v.to(torch.bfloat16) for k, v in state.items() if v.is_floating_point()}
     torch.save(bf16, bin_path)
-    for key, array in convert.iter_torch_file(bin_path):
+    for key, array in checkpoint_io.iter_torch_file(bin_path):
         np.testing.assert_array_equal(array.astype(np.float32), bf16[key].float().numpy(), err_msg=key)
 
 
 def test_pytorch_bin_with_other_objects_asks_for_safetensors(tmp_path):
-    path = tmp_path / convert.TORCH_SINGLE_FILE
+    path = tmp_path / checkpoint_io.TORCH_SINGLE_FILE
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("archive/data.pkl", pickle.dumps({"w": os.system}))
     with pytest.raises(ValueError, match="convert the checkpoint to safetensors"):
-        list(convert.iter_torch_file(str(path)))
+        list(checkpoint_io.iter_torch_file(str(path)))
     path.write_bytes(pickle.dumps({"w": 1}))
     with pytest.raises(ValueError, match="legacy .* convert the checkpoint to safetensors"):
-        list(convert.iter_torch_file(str(path)))
+        list(checkpoint_io.iter_torch_file(str(path)))

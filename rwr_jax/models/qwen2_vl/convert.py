@@ -1,38 +1,37 @@
-"""Hugging Face checkpoint <-> param pytree, one tensor at a time.
+"""Qwen2 / Qwen2.5-VL Hugging Face checkpoint <-> param pytree, one tensor at a time.
 
-The conversion table is derived from the abstract param tree: every leaf path maps to
-one HF tensor name (`layers_3` <-> `layers.3`, `mlp_0` <-> `mlp.0`; `kernel`,
-`embedding`, `scale` <-> `weight`) and one transform:
-  - kernel: HF Linear weight [out, in] -> transpose -> reshape to our einsum kernel
-    (`[D, H, head_dim]` for q/k/v, `[H, head_dim, D]` for output projections,
-    `[D, 3, H, head_dim]` for the vision qkv); the vision patch Conv3d weight
-    [D, C, T, p, p] is flattened to the linear map it is;
-  - bias: reshape (q/k/v bias [H * head_dim] -> [H, head_dim]);
-  - embedding, scale: unchanged.
-Names written by transformers 5 in memory (`model.language_model.*`,
-`model.visual.*`) are accepted as aliases of the on-disk layout (`model.*`,
-`visual.*`), which is what we write back.
+The model-agnostic machinery (table, transforms, streaming load) is
+`rwr_jax.models.hf_conversion`; this module supplies what is specific to these models:
+  - kernel shapes: HF Linear weight [out, in] <-> our einsum kernel (`[D, H, head_dim]`
+    for q/k/v, `[H, head_dim, D]` for output projections, `[D, 3, H, head_dim]` for
+    the vision qkv); the vision patch Conv3d weight [D, C, T, p, p] is flattened to
+    the linear map it is;
+  - names: those written by transformers 5 in memory (`model.language_model.*`,
+    `model.visual.*`) are accepted as aliases of the on-disk layout (`model.*`,
+    `visual.*`), which is what we write back; rotary buffers, a tied `lm_head` and,
+    for a text-only config, the vision tower are skipped;
+  - export: `save_hf_checkpoint` and `to_hf_config`.
 """
 
+import functools
 import json
 import os
 import re
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from rwr_jax.models import safetensors_io
+from rwr_jax.models import checkpoint_io, hf_conversion
+from rwr_jax.models.hf_conversion import Entry, Path, Shape
 from rwr_jax.models.qwen2_vl.config import DecoderConfig
 from rwr_jax.models.qwen2_vl.decoder import DecoderLM
 from rwr_jax.models.qwen2_vl.model import VisionLanguageLM, VLConfig
 from rwr_jax.models.qwen2_vl.vision import VisionInputs
 
-Path = tuple[str, ...]
 ModelConfig = DecoderConfig | VLConfig
 
 # transformers 5 in-memory prefixes -> the on-disk layout of released checkpoints.
@@ -43,26 +42,9 @@ _NON_PARAMETERS = re.compile(r"\.rotary_emb\.inv_freq$")
 VISION_PREFIX = "visual."
 
 
-class Entry(NamedTuple):
-    """One row of the conversion table."""
-
-    path: Path  # our param path
-    shape: tuple[int, ...]  # our shape
-    hf_shape: tuple[int, ...]  # the checkpoint's shape
-
-
-def hf_name(path: Path) -> str:
-    """Our param path -> HF tensor name, e.g. ('model', 'layers_0', 'mlp', 'up_proj', 'kernel')."""
-    parts = [re.sub(r"^(\w+)_(\d+)$", r"\1.\2", p) for p in path[:-1]]
-    leaf = "bias" if path[-1] == "bias" else "weight"
-    return ".".join(parts + [leaf])
-
-
 def canonical_hf_name(name: str) -> str:
     """Maps transformers-5 in-memory names onto the on-disk checkpoint layout."""
-    for pattern, replacement in _ALIASES:
-        name = pattern.sub(replacement, name)
-    return name
+    return hf_conversion.apply_aliases(name, _ALIASES)
 
 
 def build_model(config: ModelConfig) -> DecoderLM:
@@ -83,31 +65,18 @@ def abstract_params(config: ModelConfig) -> dict[str, Any]:
     return jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, tokens, tokens >= 0, **kwargs))["params"]
 
 
-def _flatten(tree) -> dict[Path, Any]:
-    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
-    return {tuple(k.key for k in path): leaf for path, leaf in flat}
-
-
-def _hf_shape(path: Path, shape: tuple[int, ...], config: ModelConfig) -> tuple[int, ...]:
-    if path[-1] == "bias":
-        return (int(np.prod(shape)),)
-    if path[-1] != "kernel":
-        return shape
+def _kernel_hf_shape(path: Path, shape: Shape, config: ModelConfig) -> Shape:
     if path[-3:-1] == ("patch_embed", "proj"):
         v = config.vision
         return (shape[1], v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
     # Output projections of attention read [heads, head_dim]; everything else one axis.
     n_in = 2 if path[-2] == "o_proj" or path[-3:-1] == ("attn", "proj") else 1
-    return (int(np.prod(shape[n_in:])), int(np.prod(shape[:n_in])))
+    return hf_conversion.linear_hf_shape(shape, n_in)
 
 
 def conversion_table(config: ModelConfig) -> dict[str, Entry]:
     """HF tensor name -> Entry, for every parameter of the model."""
-    table = {}
-    for path, leaf in _flatten(abstract_params(config)).items():
-        shape = tuple(nn.unbox(leaf).shape)
-        table[hf_name(path)] = Entry(path, shape, _hf_shape(path, shape, config))
-    return table
+    return hf_conversion.build_table(abstract_params(config), functools.partial(_kernel_hf_shape, config=config))
 
 
 def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -115,41 +84,9 @@ def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {name: entry.hf_shape for name, entry in conversion_table(config).items()}
 
 
-def _to_ours(array: np.ndarray, entry: Entry) -> np.ndarray:
-    if entry.path[-1] == "kernel":
-        return array.reshape(array.shape[0], -1).T.reshape(entry.shape)
-    return array.reshape(entry.shape)
-
-
-def _to_hf(array: np.ndarray, entry: Entry) -> np.ndarray:
-    if entry.path[-1] == "kernel":
-        fan_in = entry.hf_shape[1] if len(entry.hf_shape) == 2 else int(np.prod(entry.hf_shape[1:]))
-        return array.reshape(fan_in, -1).T.reshape(entry.hf_shape)
-    return array.reshape(entry.hf_shape)
-
-
 def check_params_match(params: dict[str, Any], config: ModelConfig, where: str) -> None:
     """Raises ValueError naming the first param whose presence or shape differs from `config`."""
-    expected = {entry.path: entry.shape for entry in conversion_table(config).values()}
-    found = {path: tuple(np.shape(nn.unbox(leaf))) for path, leaf in _flatten(params).items()}
-    for path in sorted(set(expected) | set(found)):
-        name = hf_name(path)
-        if path not in found:
-            raise ValueError(f"{where}: parameter {name} is missing (expected shape {expected[path]})")
-        if path not in expected:
-            raise ValueError(f"{where}: unexpected parameter {name} {found[path]} for this config")
-        if found[path] != expected[path]:
-            raise ValueError(f"{where}: parameter {name} has shape {found[path]}, expected {expected[path]}")
-
-
-def _unflatten(flat: dict[Path, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
+    hf_conversion.check_params_match(params, conversion_table(config), where)
 
 
 def _param_dtype(config: ModelConfig, path: Path):
@@ -179,49 +116,24 @@ def load_hf_params(
       The param pytree in the config's param dtype(s).
 
     Raises:
+      FileNotFoundError: the directory has no safetensors weights.
       ValueError: a tensor is missing, unexpected, or has the wrong shape; the message
         names the tensor, the expected and the found shape.
     """
-    table = conversion_table(config)
     text = config.text if isinstance(config, VLConfig) else config
     skip_prefixes = () if isinstance(config, VLConfig) else (VISION_PREFIX,)
-    flat_shardings = _flatten(shardings) if shardings is not None else {}
-    loaded: dict[Path, jax.Array] = {}
-    skipped = 0
-    for name, array in tqdm(_iter_checkpoint(checkpoint_dir), desc=f"loading {checkpoint_dir}", unit="tensor",
-                            disable=not progress, total=len(safetensors_io.tensor_shapes(checkpoint_dir))):
-        name = canonical_hf_name(name)
-        if name.startswith(skip_prefixes) or _NON_PARAMETERS.search(name) or (
-                name == "lm_head.weight" and text.tie_word_embeddings):  # some tied checkpoints store it twice
-            skipped += 1
-            continue
-        if name not in table:
-            raise ValueError(f"{checkpoint_dir}: unexpected tensor {name} {tuple(array.shape)}: the config "
-                             f"(num_layers={text.num_layers}, tie_word_embeddings={text.tie_word_embeddings}) "
-                             "has no such parameter")
-        entry = table[name]
-        if tuple(array.shape) != entry.hf_shape:
-            raise ValueError(f"{checkpoint_dir}: tensor {name} has shape {tuple(array.shape)}, "
-                             f"expected {entry.hf_shape} for this config")
-        value = np.asarray(_to_ours(array, entry), dtype=_param_dtype(config, entry.path))
-        loaded[entry.path] = _place(value, flat_shardings.get(entry.path))
-    missing = sorted(name for name, entry in table.items() if entry.path not in loaded)
-    if missing:
-        raise ValueError(f"{checkpoint_dir}: {len(missing)} tensors missing from the checkpoint, e.g. "
-                         f"{missing[:5]}")
-    logging.info("loaded %d tensors from %s (%d skipped)", len(loaded), checkpoint_dir, skipped)
-    return _unflatten(loaded)
 
+    def skip(name: str) -> bool:
+        return bool(name.startswith(skip_prefixes) or _NON_PARAMETERS.search(name) or (
+            name == "lm_head.weight" and text.tie_word_embeddings))  # some tied checkpoints store it twice
 
-def _iter_checkpoint(checkpoint_dir: str) -> Iterator[tuple[str, np.ndarray]]:
-    for path in safetensors_io.checkpoint_files(checkpoint_dir):
-        yield from safetensors_io.iter_file_tensors(path)
-
-
-def _place(value: np.ndarray, sharding) -> jax.Array:
-    if sharding is None:
-        return jnp.asarray(value)
-    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+    tensors = tqdm(checkpoint_io.iter_tensors(checkpoint_io.checkpoint_files(checkpoint_dir)),
+                   desc=f"loading {checkpoint_dir}", unit="tensor", disable=not progress,
+                   total=len(checkpoint_io.tensor_shapes(checkpoint_dir)))
+    return hf_conversion.load_params(
+        tensors, conversion_table(config), source=checkpoint_dir, param_dtype=functools.partial(_param_dtype, config),
+        canonical_name=canonical_hf_name, skip=skip, shardings=shardings,
+        config_summary=f"num_layers={text.num_layers}, tie_word_embeddings={text.tie_word_embeddings}")
 
 
 def iter_hf_tensors(params: dict[str, Any], config: ModelConfig,
@@ -233,13 +145,7 @@ def iter_hf_tensors(params: dict[str, Any], config: ModelConfig,
       config: its config.
       dtype: optional output dtype (e.g. ml_dtypes.bfloat16); default keeps each dtype.
     """
-    check_params_match(params, config, where="params")
-    table = {entry.path: entry for entry in conversion_table(config).values()}
-    for path, leaf in _flatten(params).items():
-        array = np.asarray(jax.device_get(nn.unbox(leaf)))
-        if dtype is not None:
-            array = array.astype(dtype)
-        yield hf_name(path), _to_hf(array, table[path])
+    return hf_conversion.iter_hf_tensors(params, conversion_table(config), dtype)
 
 
 def save_hf_checkpoint(
@@ -263,8 +169,8 @@ def save_hf_checkpoint(
       max_shard_bytes: shard size limit.
     """
     tensors = iter_hf_tensors(params, config, dtype)
-    count = len(_flatten(params))
-    files = safetensors_io.write_checkpoint(
+    count = len(hf_conversion.flatten_params(params))
+    files = checkpoint_io.write_checkpoint(
         out_dir, tqdm(tensors, desc=f"writing {out_dir}", unit="tensor", total=count), max_shard_bytes)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2, sort_keys=True)

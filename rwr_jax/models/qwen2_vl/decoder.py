@@ -13,57 +13,10 @@ import jax
 import jax.numpy as jnp
 
 from rwr_jax.models import attention, kv_cache, rope
+from rwr_jax.models.layers import DEFAULT_INIT, Projection, RMSNorm, logical_init
 from rwr_jax.models.qwen2_vl.config import DecoderConfig
 
-_init = nn.initializers.normal(stddev=0.02)
-_zeros = nn.initializers.zeros_init()
 _ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
-
-
-def _logical(init, axes):
-    return nn.with_logical_partitioning(init, axes)
-
-
-class RMSNorm(nn.Module):
-    """Root-mean-square norm, computed in float32 like transformers."""
-
-    eps: float
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """[..., D] -> [..., D] in `dtype`."""
-        scale = self.param("scale", _logical(nn.initializers.ones_init(), ("embed",)), (x.shape[-1],),
-                           self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return scale.astype(self.dtype) * x32.astype(self.dtype)
-
-
-class Projection(nn.Module):
-    """A linear map written as one einsum over named axes (kernel + optional bias).
-
-    Used instead of `nn.DenseGeneral`, whose flat-then-reshape kernel init breaks
-    logical partitioning of multi-axis kernels under a mesh.
-    """
-
-    equation: str
-    kernel_shape: tuple[int, ...]
-    kernel_axes: tuple[str, ...]
-    bias_axes: tuple[str, ...] | None = None
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", _logical(_init, self.kernel_axes), self.kernel_shape, self.param_dtype)
-        y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
-        if self.bias_axes is not None:
-            bias_shape = y.shape[-len(self.bias_axes):]
-            y = y + self.param("bias", _logical(_zeros, self.bias_axes), bias_shape, self.param_dtype).astype(
-                self.dtype)
-        return y
 
 
 class Attention(nn.Module):
@@ -122,12 +75,16 @@ class MLP(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """[B, T, D] -> [B, T, D]."""
         c = self.config
-        dense = functools.partial(nn.Dense, use_bias=False, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype)
-        gate = dense(c.intermediate_size, kernel_init=_logical(_init, ("embed", "mlp")), name="gate_proj")(x)
-        up = dense(c.intermediate_size, kernel_init=_logical(_init, ("embed", "mlp")), name="up_proj")(x)
+
+        def dense(features: int, axes: tuple[str, str], name: str) -> nn.Dense:
+            return nn.Dense(features, use_bias=False, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype,
+                            kernel_init=logical_init(DEFAULT_INIT, axes), name=name)
+
+        gate = dense(c.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
+        up = dense(c.intermediate_size, ("embed", "mlp"), "up_proj")(x)
         hidden = nn.with_logical_constraint(
             nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
-        return dense(c.hidden_size, kernel_init=_logical(_init, ("mlp", "embed")), name="down_proj")(hidden)
+        return dense(c.hidden_size, ("mlp", "embed"), "down_proj")(hidden)
 
 
 class DecoderLayer(nn.Module):
@@ -164,7 +121,7 @@ class TextModel(nn.Module):
         c = self.config
         self.embed_tokens = nn.Embed(
             c.vocab_size, c.hidden_size, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype,
-            embedding_init=_logical(_init, ("vocab", "embed")))
+            embedding_init=logical_init(DEFAULT_INIT, ("vocab", "embed")))
         layer = _layer_class(c.remat_policy)
         self.layers = [layer(c) for _ in range(c.num_layers)]  # named layers_0, layers_1, ...
         self.norm = RMSNorm(c.rms_norm_eps, c.jnp_dtype, c.jnp_param_dtype)
@@ -212,7 +169,7 @@ class DecoderLM(nn.Module):
         if not c.tie_word_embeddings:
             self.lm_head = nn.Dense(
                 c.vocab_size, use_bias=False, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype,
-                kernel_init=_logical(_init, ("embed", "vocab")))
+                kernel_init=logical_init(DEFAULT_INIT, ("embed", "vocab")))
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         """[B, T] int32 -> [B, T, D] token embeddings."""

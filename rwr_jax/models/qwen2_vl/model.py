@@ -132,7 +132,7 @@ class VisionLanguageLM(DecoderLM):
         return jax.lax.stop_gradient(features) if self.freeze_vision else features
 
     def __call__(self, tokens, positions, token_mask, cache=None, images: VisionInputs | None = None,
-                 return_hidden=False):
+                 return_hidden=False, embeds=None):
         """Forward over a chunk, with images scattered into its `<|image_pad|>` tokens.
 
         Args:
@@ -142,10 +142,15 @@ class VisionLanguageLM(DecoderLM):
           cache: optional KVCache to append the chunk to.
           images: optional VisionInputs for the images of this chunk.
           return_hidden: return final hidden states instead of logits.
+          embeds: optional [B, T, D] input embeddings with image features already in
+            place (the train step scatters features it encoded once); replaces both
+            the token lookup and `images`.
 
         Returns:
           ([B, T, V] logits or [B, T, D] hidden states, updated cache or None).
         """
+        if embeds is not None:
+            return super().__call__(tokens, positions, token_mask, cache, embeds=embeds, return_hidden=return_hidden)
         embeds = self.embed(tokens)
         if images is not None:
             features = self.encode_images(images)

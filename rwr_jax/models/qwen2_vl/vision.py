@@ -20,10 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rwr_jax.models import attention, rope
-from rwr_jax.models.qwen2_vl.decoder import Projection, RMSNorm
+from rwr_jax.models.layers import Projection, RMSNorm
 
-_init = nn.initializers.normal(stddev=0.02)
-_zeros = nn.initializers.zeros_init()
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 

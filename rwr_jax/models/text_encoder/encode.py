@@ -17,6 +17,7 @@ import numpy as np
 import transformers
 from absl import logging
 
+from rwr_jax.models import checkpoint_io
 from rwr_jax.models.text_encoder import convert
 from rwr_jax.models.text_encoder.config import EncoderConfig, read_encoder_config
 from rwr_jax.models.text_encoder.model import TextEncoderModel
@@ -128,7 +129,7 @@ class TextEncoder:
         """
         if self._weights_sha256 is None:
             digest = hashlib.sha256()
-            for path in convert.weight_files(self.checkpoint_dir):
+            for path in checkpoint_io.weight_files(self.checkpoint_dir):
                 with open(path, "rb") as f:
                     for block in iter(lambda f=f: f.read(1 << 20), b""):
                         digest.update(block)

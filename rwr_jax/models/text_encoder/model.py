@@ -13,10 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from rwr_jax.models import attention
-from rwr_jax.models.qwen2_vl.decoder import Projection
+from rwr_jax.models.layers import DEFAULT_INIT, Projection, logical_init
 from rwr_jax.models.text_encoder.config import ACTIVATIONS, EncoderConfig
 
-_init = nn.initializers.normal(stddev=0.02)
 _ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
 # torch.nn.functional.normalize's default epsilon.
 _NORM_EPS = 1e-12
@@ -24,20 +23,16 @@ _NORM_EPS = 1e-12
 _MEAN_EPS = 1e-9
 
 
-def _logical(init, axes):
-    return nn.with_logical_partitioning(init, axes)
-
-
 def _layer_norm(c: EncoderConfig, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(
         epsilon=c.layer_norm_eps, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype, use_fast_variance=False,
-        scale_init=_logical(nn.initializers.ones_init(), ("embed",)),
-        bias_init=_logical(nn.initializers.zeros_init(), ("embed",)), name=name)
+        scale_init=logical_init(nn.initializers.ones_init(), ("embed",)),
+        bias_init=logical_init(nn.initializers.zeros_init(), ("embed",)), name=name)
 
 
 def _dense(c: EncoderConfig, features: int, axes: tuple[str, str], name: str) -> nn.Dense:
     return nn.Dense(features, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype,
-                    kernel_init=_logical(_init, axes), bias_init=_logical(nn.initializers.zeros_init(), axes[1:]),
+                    kernel_init=logical_init(DEFAULT_INIT, axes), bias_init=logical_init(nn.initializers.zeros_init(), axes[1:]),
                     name=name)
 
 
@@ -70,10 +65,10 @@ class Embeddings(nn.Module):
         c = self.config
         embed = functools.partial(nn.Embed, features=c.hidden_size, dtype=c.jnp_dtype,
                                   param_dtype=c.jnp_param_dtype)
-        x = embed(c.vocab_size, embedding_init=_logical(_init, ("vocab", "embed")), name="word_embeddings")(tokens)
-        x = x + embed(c.max_position_embeddings, embedding_init=_logical(_init, (None, "embed")),
+        x = embed(c.vocab_size, embedding_init=logical_init(DEFAULT_INIT, ("vocab", "embed")), name="word_embeddings")(tokens)
+        x = x + embed(c.max_position_embeddings, embedding_init=logical_init(DEFAULT_INIT, (None, "embed")),
                       name="position_embeddings")(positions)
-        x = x + embed(c.type_vocab_size, embedding_init=_logical(_init, (None, "embed")),
+        x = x + embed(c.type_vocab_size, embedding_init=logical_init(DEFAULT_INIT, (None, "embed")),
                       name="token_type_embeddings")(token_type_ids)
         return nn.with_logical_constraint(_layer_norm(c, "LayerNorm")(x), _ACTIVATION)
 

@@ -1,0 +1,61 @@
+"""Linen building blocks shared by the model ports (decoder, vision tower, text encoder).
+
+Params are boxed with logical axis names (`nn.with_logical_partitioning`), so
+`rwr_jax.sharding` maps them onto a mesh; the modules name axes only.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Initializer of kernels and embedding tables (the HF `initializer_range` default).
+DEFAULT_INIT = nn.initializers.normal(stddev=0.02)
+
+
+def logical_init(init, axes: tuple[str | None, ...]):
+    """`init` boxed with logical axis names, one per param dimension (None: replicated)."""
+    return nn.with_logical_partitioning(init, axes)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 like transformers."""
+
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[..., D] -> [..., D] in `dtype`."""
+        scale = self.param("scale", logical_init(nn.initializers.ones_init(), ("embed",)), (x.shape[-1],),
+                           self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * x32.astype(self.dtype)
+
+
+class Projection(nn.Module):
+    """A linear map written as one einsum over named axes (kernel + optional bias).
+
+    Used instead of `nn.DenseGeneral`, whose flat-then-reshape kernel init breaks
+    logical partitioning of multi-axis kernels under a mesh.
+    """
+
+    equation: str
+    kernel_shape: tuple[int, ...]
+    kernel_axes: tuple[str, ...]
+    bias_axes: tuple[str, ...] | None = None
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Applies `equation` to (x, kernel), then adds the bias over the trailing `bias_axes`."""
+        kernel = self.param("kernel", logical_init(DEFAULT_INIT, self.kernel_axes), self.kernel_shape,
+                            self.param_dtype)
+        y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.bias_axes is not None:
+            bias_shape = y.shape[-len(self.bias_axes):]
+            bias_init = logical_init(nn.initializers.zeros_init(), self.bias_axes)
+            y = y + self.param("bias", bias_init, bias_shape, self.param_dtype).astype(self.dtype)
+        return y

@@ -1,0 +1,1 @@
+"""Reinforcement learning: rewards, group advantages and GRPO losses."""

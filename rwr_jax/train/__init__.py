@@ -1,0 +1,1 @@
+"""Training: optimiser, train step, checkpoints, metrics and the GRPO loop."""
