@@ -19,6 +19,7 @@ import os
 import re
 from typing import Any, Iterator
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,8 +53,8 @@ def build_model(config: ModelConfig) -> DecoderLM:
     return VisionLanguageLM.from_config(config) if isinstance(config, VLConfig) else DecoderLM(config)
 
 
-def abstract_params(config: ModelConfig) -> dict[str, Any]:
-    """Shapes/dtypes of the params (no memory), boxed with logical axis names."""
+def _init_fn(config: ModelConfig):
+    """key -> boxed params, with the smallest inputs that touch every parameter."""
     model = build_model(config)
     tokens = jnp.zeros((1, 1), jnp.int32)
     kwargs = {}
@@ -62,7 +63,18 @@ def abstract_params(config: ModelConfig) -> dict[str, Any]:
         kwargs["images"] = VisionInputs(
             patches=jnp.zeros((1, unit, config.vision.patch_dim)), positions=jnp.zeros((1, unit, 2), jnp.int32),
             window_ids=jnp.zeros((1, unit), jnp.int32), patch_mask=jnp.ones((1, unit), bool))
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, tokens, tokens >= 0, **kwargs))["params"]
+    return lambda key: model.init(key, tokens, tokens, tokens >= 0, **kwargs)["params"]
+
+
+def abstract_params(config: ModelConfig) -> dict[str, Any]:
+    """Shapes/dtypes of the params (no memory), boxed with logical axis names."""
+    return jax.eval_shape(_init_fn(config), jax.random.key(0))
+
+
+def init_params(config: ModelConfig, seed: int, shardings: Any = None) -> dict[str, Any]:
+    """Random params (the models' initialisers), unboxed, optionally created sharded."""
+    init = _init_fn(config)
+    return jax.jit(lambda key: nn.unbox(init(key)), out_shardings=shardings)(jax.random.key(seed))
 
 
 def _kernel_hf_shape(path: Path, shape: Shape, config: ModelConfig) -> Shape:
@@ -201,3 +213,28 @@ def to_hf_config(config: DecoderConfig) -> dict[str, Any]:
         raise ValueError("qkv_bias without o_bias is the Qwen2 layout, o_bias without qkv_bias has no HF family")
     return dict(common, architectures=["LlamaForCausalLM"], model_type="llama",
                 attention_bias=config.qkv_bias, mlp_bias=False)
+
+
+def vl_to_hf_config(config: VLConfig) -> dict[str, Any]:
+    """A Qwen2.5-VL `config.json` (transformers 5 layout) for these hyperparameters."""
+    text, vision = config.text, config.vision
+    text_config = dict(
+        to_hf_config(text.replace(mrope_section=None)), model_type="qwen2_5_vl_text",
+        rope_parameters={"rope_type": "default", "rope_theta": text.rope_theta,
+                         "mrope_section": list(text.mrope_section)})
+    for key in ("architectures", "tie_word_embeddings", "dtype"):
+        text_config.pop(key)
+    return {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+        "text_config": text_config, "tie_word_embeddings": text.tie_word_embeddings, "dtype": text.param_dtype,
+        "image_token_id": config.image_token_id, "vision_start_token_id": config.vision_start_token_id,
+        "vision_end_token_id": 151653, "video_token_id": 151656,
+        "vision_config": {
+            "model_type": "qwen2_5_vl_vision", "depth": vision.depth, "hidden_size": vision.hidden_size,
+            "intermediate_size": vision.intermediate_size, "num_heads": vision.num_heads,
+            "out_hidden_size": vision.out_hidden_size, "patch_size": vision.patch_size,
+            "temporal_patch_size": vision.temporal_patch_size, "spatial_merge_size": vision.spatial_merge_size,
+            "window_size": vision.window_size, "fullatt_block_indexes": list(vision.fullatt_block_indexes),
+            "in_channels": vision.in_channels, "hidden_act": "silu",
+            "rope_parameters": {"rope_type": "axial", "rope_theta": vision.rope_theta}},
+    }

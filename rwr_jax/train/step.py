@@ -1,0 +1,165 @@
+"""One jitted GRPO update: policy log-probs, loss, gradients, optimiser step.
+
+The batch is split into micro-batches scanned in sequence; each returns its loss as a
+(numerator, denominator) pair and the gradient of its numerator, so the accumulated
+update equals the full-batch one exactly (gradient = sum of numerator gradients /
+sum of denominators). Images are encoded once per step by the frozen vision tower and
+scattered into each row's `<|image_pad|>` embeddings through a host-built index.
+"""
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from rwr_jax.models.qwen2_vl.model import VisionLanguageLM
+from rwr_jax.rl import logprobs as logprobs_lib
+from rwr_jax.rl import losses
+
+
+@flax.struct.dataclass(kw_only=True)
+class TrainState:
+    """Attributes:
+      step: [] int32 optimiser steps taken.
+      params: the policy parameters.
+      opt_state: the optax state.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+@flax.struct.dataclass(kw_only=True)
+class TrainBatch:
+    """B = P * G prompt + completion sequences (device arrays).
+
+    Attributes:
+      tokens: [B, P + C] int32 left-padded prompt, then completion.
+      token_mask: [B, P + C] bool.
+      positions: [B, P + C] or [3, B, P + C] int32.
+      loss_mask: [B, C] bool, model-written completion tokens.
+      advantages: [B] float32.
+      sampler_logprobs: [B, C] float32 log-probs recorded by the sampler.
+      images: VisionInputs of the P prompts, or None.
+      image_feature_index: [B, P + C] int32, for each `<|image_pad|>` token its rank
+        among all image tokens of the batch's prompts (row-major), -1 elsewhere.
+    """
+
+    tokens: jax.Array
+    token_mask: jax.Array
+    positions: jax.Array
+    loss_mask: jax.Array
+    advantages: jax.Array
+    sampler_logprobs: jax.Array
+    images: Any = None
+    image_feature_index: Any = None
+
+
+def _split(x: jax.Array, num: int, axis: int = 0) -> jax.Array:
+    """[..., B, ...] -> [num, ..., B / num, ...] along the batch `axis`."""
+    x = jnp.moveaxis(x, axis, 0)
+    x = x.reshape(num, -1, *x.shape[1:])
+    return jnp.moveaxis(x, 1, axis + 1)
+
+
+def _micro_batches(rows: dict[str, jax.Array], num: int) -> dict[str, jax.Array]:
+    """Splits every row-major array (and [3, B, L] mRoPE positions) into num micro-batches."""
+    return {name: _split(x, num, axis=1 if name == "positions" and x.ndim == 3 else 0) for name, x in rows.items()}
+
+
+def _embeds(model, params, tokens, feature_index, features):
+    embeds = model.apply({"params": params}, tokens, method=type(model).embed)
+    if features is None:
+        return embeds
+    picked = features[jnp.maximum(feature_index, 0)].astype(embeds.dtype)
+    return jnp.where((feature_index >= 0)[..., None], picked, embeds)
+
+
+def _completion_logprobs(model, params, micro, features, prompt_length, chunk_size, entropy=False):
+    embeds = _embeds(model, params, micro["tokens"], micro["image_feature_index"], features)
+    hidden, _ = model.apply({"params": params}, micro["tokens"], micro["positions"], micro["token_mask"],
+                            embeds=embeds, return_hidden=True)
+    return logprobs_lib.chunked_logprobs(model, params, hidden[:, prompt_length - 1:-1],
+                                         micro["tokens"][:, prompt_length:], chunk_size=chunk_size,
+                                         return_entropy=entropy)
+
+
+def _image_features(model, params, images):
+    """[K, D] real image tokens of the batch in order (frozen tower: no gradient)."""
+    if images is None:
+        return None
+    features = model.apply({"params": params}, images, method=VisionLanguageLM.encode_images)
+    flat = features.reshape(-1, features.shape[-1])
+    valid = images.patch_mask.reshape(images.patch_mask.shape[0], -1, model.vision.merge_unit)[..., 0]
+    order = jnp.argsort(~valid.reshape(-1), stable=True)
+    return jax.lax.stop_gradient(flat[order])
+
+
+@functools.partial(jax.jit, static_argnames=("model", "optimizer", "loss_config", "num_micro_batches",
+                                             "chunk_size", "prompt_length"), donate_argnames=("state",))
+def train_step(model, optimizer: optax.GradientTransformation, state: TrainState, batch: TrainBatch, ref_params,
+               *, loss_config: losses.LossConfig, num_micro_batches: int, chunk_size: int,
+               prompt_length: int) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimiser step on a batch of trajectories.
+
+    Args:
+      model: DecoderLM or VisionLanguageLM (static).
+      optimizer: from `optimizer.make_optimizer` (static).
+      state: TrainState (donated).
+      batch: TrainBatch of B rows; B divisible by num_micro_batches.
+      ref_params: frozen reference params for the KL term (unused when beta == 0).
+      loss_config: the GRPO loss settings.
+      num_micro_batches: gradient-accumulation steps.
+      chunk_size: LM-head chunk for log-probs.
+      prompt_length: P, the prompt part of every sequence.
+
+    Returns:
+      (new state, metrics of this step as scalars).
+    """
+    features = _image_features(model, state.params, batch.images)
+    rows = {"tokens": batch.tokens, "token_mask": batch.token_mask, "positions": batch.positions,
+            "loss_mask": batch.loss_mask, "advantages": batch.advantages, "sampler": batch.sampler_logprobs,
+            "image_feature_index": (batch.image_feature_index if batch.image_feature_index is not None
+                                    else jnp.full(batch.tokens.shape, -1, jnp.int32))}
+    micro_batches = _micro_batches(rows, num_micro_batches)
+    ref_features = None if loss_config.beta == 0 else _image_features(model, ref_params, batch.images)
+
+    def loss_fn(params, micro):
+        logp, entropy = _completion_logprobs(model, params, micro, features, prompt_length, chunk_size, True)
+        ref = None
+        if loss_config.beta > 0:
+            ref = jax.lax.stop_gradient(_completion_logprobs(model, ref_params, micro, ref_features, prompt_length,
+                                                             chunk_size))
+        terms = losses.policy_loss(logp, micro["loss_mask"], micro["advantages"], loss_config, ref_logprobs=ref)
+        metrics = losses.loss_diagnostics(logp, micro["loss_mask"], micro["advantages"], loss_config,
+                                          ref_logprobs=ref, entropies=entropy)
+        mask = micro["loss_mask"]
+        metrics["logprob_mismatch"] = losses.LossTerms(
+            jnp.sum(jnp.where(mask, jnp.abs(jax.lax.stop_gradient(logp) - micro["sampler"]), 0.0)),
+            jnp.sum(mask.astype(jnp.float32)))
+        return terms.numerator, (terms, metrics)
+
+    def accumulate(carry, micro):
+        grads, totals = carry
+        (_, (terms, metrics)), micro_grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, micro)
+        grads = jax.tree_util.tree_map(jnp.add, grads, micro_grads)
+        totals = jax.tree_util.tree_map(jnp.add, totals, {"loss": terms, **metrics})
+        return (grads, totals), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    first = jax.tree_util.tree_map(lambda x: x[0], micro_batches)
+    _, (shape_terms, shape_metrics) = jax.eval_shape(loss_fn, state.params, first)
+    totals = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), {"loss": shape_terms, **shape_metrics})
+    (grad_sums, totals), _ = jax.lax.scan(accumulate, (zeros, totals), micro_batches)
+    denominator = totals["loss"].denominator
+    grads = jax.tree_util.tree_map(lambda g: losses.safe_divide(g, denominator), grad_sums)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {name: terms.value() for name, terms in totals.items()}
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["nonfinite_updates"] = opt_state.total_notfinite.astype(jnp.float32)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics

@@ -1,0 +1,112 @@
+"""The jitted train step: micro-batching is exact, frozen params stay put, the
+optimiser follows the schedule, non-finite updates are skipped and counted."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rwr_jax.models.qwen2_vl.config import DecoderConfig
+from rwr_jax.models.qwen2_vl.decoder import DecoderLM
+from rwr_jax.rl import losses
+from rwr_jax.train import optimizer as optimizer_lib
+from rwr_jax.train.step import TrainBatch, TrainState, train_step
+
+PROMPT, COMPLETION, ROWS = 6, 10, 8
+
+
+def _setup(seed=0):
+    config = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                           num_kv_heads=2)
+    model = DecoderLM(config)
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, 64, (ROWS, PROMPT + COMPLETION)).astype(np.int32)
+    mask = np.ones_like(tokens, bool)
+    mask[::2, :2] = False  # left padding on half the prompts
+    comp_len = rng.integers(3, COMPLETION + 1, ROWS)
+    loss_mask = np.arange(COMPLETION)[None] < comp_len[:, None]
+    loss_mask[1, 2:4] = False  # an environment block
+    mask[:, PROMPT:] = np.arange(COMPLETION)[None] < comp_len[:, None]
+    positions = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
+    params = jax.jit(model.init)(jax.random.key(seed), jnp.asarray(tokens), jnp.asarray(positions),
+                                 jnp.asarray(mask))["params"]
+    params = jax.tree_util.tree_map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
+                                    is_leaf=lambda x: hasattr(x, "unbox"))
+    batch = TrainBatch(tokens=jnp.asarray(tokens), token_mask=jnp.asarray(mask), positions=jnp.asarray(positions),
+                       loss_mask=jnp.asarray(loss_mask), advantages=jnp.asarray(rng.normal(size=ROWS), jnp.float32),
+                       sampler_logprobs=jnp.zeros((ROWS, COMPLETION), jnp.float32))
+    return model, params, batch
+
+
+def _step(model, params, batch, tx, loss_config, micro):
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree_util.tree_map(jnp.copy, params),
+                       opt_state=tx.init(params))
+    ref = jax.tree_util.tree_map(jnp.copy, params)  # must not alias the donated state
+    return train_step(model, tx, state, batch, ref, loss_config=loss_config, num_micro_batches=micro,
+                      chunk_size=4, prompt_length=PROMPT)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_micro_batches_equal_full_batch(loss_type):
+    """4 micro-batches of 2 == 1 of 8 (loss and gradients), through the real model.
+
+    "bnpo" is the release's loss: a token mean per micro-batch, averaged over
+    micro-batches, so by definition it depends on the split; for it the 4-way run
+    must equal the mean of the four micro-batches' own token means, each computed as
+    a 1-way step on that micro-batch alone.
+    """
+    model, params, batch = _setup()
+    loss_config = losses.LossConfig(loss_type=loss_type, beta=0.01, max_completion_length=COMPLETION)
+    tx = optax.apply_if_finite(optax.sgd(1.0), 3)  # linear in the gradient: equal params <=> equal gradients
+    split, split_metrics = _step(model, params, batch, tx, loss_config, 4)
+    if loss_type == "bnpo":
+        parts = [_step(model, params, jax.tree_util.tree_map(lambda x: x[2 * i:2 * i + 2], batch), tx,
+                       loss_config, 1) for i in range(4)]
+        np.testing.assert_allclose(split_metrics["loss"], np.mean([m["loss"] for _, m in parts]), rtol=1e-5)
+        expected = [np.mean([np.asarray(leaf) for leaf in leaves], axis=0) for leaves in
+                    zip(*(jax.tree_util.tree_leaves(state.params) for state, _ in parts))]
+    else:
+        full, full_metrics = _step(model, params, batch, tx, loss_config, 1)
+        np.testing.assert_allclose(split_metrics["loss"], full_metrics["loss"], rtol=1e-5, atol=1e-7)
+        expected = jax.tree_util.tree_leaves(full.params)
+    for a, b in zip(jax.tree_util.tree_leaves(split.params), expected):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert float(split_metrics["grad_norm"]) > 0
+
+
+def test_zero_advantages_give_zero_policy_gradient():
+    model, params, batch = _setup()
+    batch = batch.replace(advantages=jnp.zeros_like(batch.advantages))
+    tx = optax.apply_if_finite(optax.sgd(1.0), 3)
+    _, metrics = _step(model, params, batch, tx, losses.LossConfig(beta=0.0), 2)
+    assert float(metrics["grad_norm"]) == 0.0
+
+
+def test_frozen_params_do_not_move_and_schedule_warms_up():
+    model, params, batch = _setup()
+    config = optimizer_lib.OptimizerConfig(learning_rate=1e-3, total_steps=10, warmup_ratio=0.2,
+                                           frozen_prefixes=("lm_head",))
+    tx = optimizer_lib.make_optimizer(config, params)
+    schedule = optimizer_lib.learning_rate_schedule(config)
+    assert float(schedule(0)) == 0.0 and float(schedule(2)) == pytest.approx(1e-3) and float(schedule(10)) == 0.0
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree_util.tree_map(jnp.copy, params),
+                       opt_state=tx.init(params))
+    for _ in range(2):
+        state, _ = train_step(model, tx, state, batch, None, loss_config=losses.LossConfig(beta=0.0),
+                              num_micro_batches=2, chunk_size=4, prompt_length=PROMPT)
+    np.testing.assert_array_equal(state.params["lm_head"]["kernel"], params["lm_head"]["kernel"])
+    moved = state.params["model"]["layers_0"]["mlp"]["up_proj"]["kernel"] - params["model"]["layers_0"]["mlp"][
+        "up_proj"]["kernel"]
+    assert float(jnp.abs(moved).max()) > 0
+
+
+def test_nonfinite_update_is_skipped_and_counted():
+    model, params, batch = _setup()
+    batch = batch.replace(advantages=batch.advantages.at[0].set(jnp.nan))
+    tx = optimizer_lib.make_optimizer(optimizer_lib.OptimizerConfig(learning_rate=1e-3, total_steps=10), params)
+    state, metrics = _step(model, params, batch, tx, losses.LossConfig(beta=0.0), 2)
+    assert float(metrics["nonfinite_updates"]) == 1.0
+    for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(params)):
+        np.testing.assert_array_equal(a, b)
