@@ -8,7 +8,8 @@ import pytest
 from rwr_jax import config_lib
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-CONFIG_FILES = sorted(f for f in os.listdir(CONFIG_DIR) if f.endswith(".py"))
+CONFIG_FILES = sorted(f for f in os.listdir(CONFIG_DIR)
+                      if f.endswith(".py") and "def get_config" in open(os.path.join(CONFIG_DIR, f)).read())
 
 
 def _load(name):

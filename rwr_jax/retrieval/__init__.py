@@ -1,0 +1,1 @@
+"""Dense retrieval: document store, embedding index (exact or ScaNN) and batched retriever."""
