@@ -1,0 +1,67 @@
+"""Shared pieces of the training configs (not a config itself: no get_config)."""
+
+import ml_collections
+
+from rwr_jax import sharding
+
+
+def optimizer() -> ml_collections.ConfigDict:
+    """Med-RwR release settings: AdamW, lr 1e-6, cosine with 5 % warm-up, wd 0.1, clip 1.0."""
+    return ml_collections.ConfigDict(dict(learning_rate=1e-6, warmup_ratio=0.05, b1=0.9, b2=0.999, eps=1e-8,
+                                          weight_decay=0.1, max_grad_norm=1.0))
+
+
+def rollout(group_size: int = 8, max_rounds: int = 3, tokens_per_round: int = 4096,
+            completion: int = 8192) -> ml_collections.ConfigDict:
+    """Rollout settings: G = 8, up to 3 rounds of 4,096 new tokens, temperature 1."""
+    return ml_collections.ConfigDict(dict(
+        group_size=group_size, max_rounds=max_rounds, max_new_tokens_per_round=tokens_per_round,
+        max_completion_length=completion, temperature=1.0, top_p=1.0, top_k=0, extend_bucket=64))
+
+
+def loss() -> ml_collections.ConfigDict:
+    """k3 KL with beta 0.001, clip 0.2; "dapo" = the token mean over the optimiser batch
+    ("bnpo", the release's per-micro-batch token mean, depends on the micro-batch split)."""
+    return ml_collections.ConfigDict(dict(loss_type="dapo", beta=0.001, epsilon_low=0.2, epsilon_high=0.2))
+
+
+def retrieval(corpus_path: str = "", encoder_path: str = "") -> ml_collections.ConfigDict:
+    """Top-3 passages from a local corpus, embedded with a local encoder checkpoint."""
+    return ml_collections.ConfigDict(dict(corpus_path=corpus_path, index_dir="", encoder_path=encoder_path, top_k=3,
+                                          max_retrieved_tokens=1024, searcher="auto"))
+
+
+def base(seed: int = 0) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = seed
+    c.tokenizer_path = ""  # "" = the bundled Qwen2.5 tokenizer; else a local tokenizer directory.
+    c.optimizer = optimizer()
+    c.loss = loss()
+    c.advantage = ml_collections.ConfigDict(dict(estimator="grpo", eps=1e-4))
+    c.train = ml_collections.ConfigDict(dict(num_micro_batches=2, logprob_chunk=512))
+    c.checkpoint = ml_collections.ConfigDict(dict(save_every=100, keep=3, async_save=True))
+    c.log_every = 1
+    c.sample_every = 10
+    c.export_hf = True
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.sharding_rules = [list(rule) for rule in sharding.DEFAULT_RULES]
+    return c
+
+
+def demo_text_model(vision: bool) -> ml_collections.ConfigDict:
+    """A tiny random model over the real Qwen vocabulary (CPU demo): Qwen2.5-VL-shaped
+    (mRoPE + vision tower) for stage 2, a plain Qwen2 decoder for text-only stage 1."""
+    model = dict(checkpoint="", vocab_size=151_680, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                 num_kv_heads=2, mrope_section=[4, 2, 2] if vision else None, rope_theta=1_000_000.0, tie_word_embeddings=False,
+                 dtype="float32", param_dtype="float32", attention_kernel="xla", remat_policy="none",
+                 format_prior=True, freeze_vision=True)
+    if vision:
+        model["vision"] = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                               fullatt_block_indexes=[1])
+    return ml_collections.ConfigDict(model)
+
+
+def checkpoint_model(path: str) -> ml_collections.ConfigDict:
+    """A local Hugging Face checkpoint; its config.json decides the architecture."""
+    return ml_collections.ConfigDict(dict(checkpoint=path, dtype="bfloat16", param_dtype="float32",
+                                          attention_kernel="xla", remat_policy="dots_saveable", format_prior=False))

