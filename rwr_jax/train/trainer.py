@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from rwr_jax import config_lib
+from rwr_jax import config_lib, registry
 from rwr_jax.data import chat_template, demo as demo_data, records, tokenizer as tokenizer_lib
 from rwr_jax.data.pipeline import PipelineConfig, PromptPipeline
 from rwr_jax.models.qwen2_vl import convert
@@ -125,7 +125,22 @@ def build_retrieve(cfg, workdir):
     return retrieve
 
 
+def _check_rewards(cfg) -> None:
+    if len(cfg.rewards.names) != len(cfg.rewards.weights):
+        raise ValueError(f"rewards.names ({len(cfg.rewards.names)}) and rewards.weights "
+                         f"({len(cfg.rewards.weights)}) must have the same length")
+    unknown = set(cfg.rewards.names) - set(registry.names("reward"))
+    if unknown:
+        raise ValueError(f"rewards.names {sorted(unknown)} are not registered; known: {registry.names('reward')}")
+    if "query_visual" in cfg.rewards.names:
+        # The CLIP port and image index exist (models/clip, retrieval/image_index); scoring
+        # queries against the prompt images inside the loop is not wired yet.
+        raise ValueError("rewards.names includes 'query_visual', which the trainer does not compute yet; "
+                         "remove it (and its weight) from the config")
+
+
 def build(cfg, workdir: str) -> Components:
+    _check_rewards(cfg)
     tokenizer = tokenizer_lib.load_tokenizer(cfg.tokenizer_path or None)
     model, model_config, params, hf_config = build_model(cfg, tokenizer)
     text = model_config.text if isinstance(model_config, VLConfig) else model_config
