@@ -65,3 +65,35 @@ def checkpoint_model(path: str) -> ml_collections.ConfigDict:
     """A local Hugging Face checkpoint; its config.json decides the architecture."""
     return ml_collections.ConfigDict(dict(checkpoint=path, dtype="bfloat16", param_dtype="float32",
                                           attention_kernel="xla", remat_policy="dots_saveable", format_prior=False))
+
+
+def data(*, demo: bool, path: str = "", max_prompt_length: int, images: int) -> ml_collections.ConfigDict:
+    """The prompt pipeline: the synthetic demo set (batch 2) or a local jsonl (batch 8)."""
+    return ml_collections.ConfigDict(dict(
+        demo=demo, demo_size=64 if demo else 0, train_path=path, batch_size=2 if demo else 8,
+        max_prompt_length=max_prompt_length, length_bucket=0 if demo else 512, max_images_per_prompt=images,
+        skip_malformed=False, curriculum=False))
+
+
+def apply_demo(c: ml_collections.ConfigDict, *, vision: bool, steps: int) -> None:
+    """CPU-demo sizes: tiny model, 2 prompts x 4 completions, 48 tokens per round."""
+    c.model = demo_text_model(vision=vision)
+    c.data = data(demo=True, max_prompt_length=512 if vision else 384, images=1 if vision else 0)
+    c.retrieval = retrieval()
+    c.retrieval.max_retrieved_tokens = 160
+    c.rollout = rollout(group_size=4, tokens_per_round=48, completion=512)
+    c.rollout.extend_bucket = 32
+    c.train.logprob_chunk = 256
+    c.total_steps = steps or 6
+    c.optimizer.learning_rate = 1e-3
+    c.checkpoint.save_every = 3
+    c.sample_every = 3
+
+
+def apply_checkpoint_run(c: ml_collections.ConfigDict, preset, *, images: int) -> None:
+    """A real run: the paper's sizes, local checkpoint / data / corpus / encoder paths."""
+    c.model = checkpoint_model(preset.checkpoint)
+    c.data = data(demo=False, path=preset.data, max_prompt_length=8192, images=images)
+    c.retrieval = retrieval(preset.corpus, preset.encoder)
+    c.rollout = rollout()
+    c.total_steps = preset.steps or 1000

@@ -30,28 +30,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         names=["accuracy", "format", "length", "query_textual", "query_visual", "confidence_gain"],
         weights=[1.0] * 6, clip_checkpoint=preset.clip))
     if preset.demo:
-        c.model = common.demo_text_model(vision=True)
-        c.data = ml_collections.ConfigDict(dict(demo=True, demo_size=64, train_path="", batch_size=2,
-                                                max_prompt_length=512, length_bucket=0, max_images_per_prompt=1,
-                                                skip_malformed=False, curriculum=False))
-        c.retrieval = common.retrieval()
-        c.rollout = common.rollout(group_size=4, tokens_per_round=48, completion=512)
-        c.rollout.extend_bucket = 32
-        c.retrieval.max_retrieved_tokens = 160
-        c.train.logprob_chunk = 256
-        c.total_steps = preset.steps or 6
-        c.optimizer.learning_rate = 1e-3
-        c.checkpoint.save_every = 3
-        c.sample_every = 3
-        # No image-text checkpoint ships offline: the demo leaves the visual reward out.
+        common.apply_demo(c, vision=True, steps=preset.steps)
+        # No image-text checkpoint ships offline, and the trainer does not compute the
+        # visual reward yet: the demo leaves it out.
         c.rewards.names = ["accuracy", "format", "length", "query_textual", "confidence_gain"]
         c.rewards.weights = [1.0] * 5
     else:
-        c.model = common.checkpoint_model(preset.checkpoint)
-        c.data = ml_collections.ConfigDict(dict(demo=False, demo_size=0, train_path=preset.data, batch_size=8,
-                                                max_prompt_length=8192, length_bucket=512, max_images_per_prompt=1,
-                                                skip_malformed=False, curriculum=False))
-        c.retrieval = common.retrieval(preset.corpus, preset.encoder)
-        c.rollout = common.rollout()
-        c.total_steps = preset.steps or 1000
+        common.apply_checkpoint_run(c, preset, images=1)
     return c
