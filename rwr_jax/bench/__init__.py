@@ -1,0 +1,1 @@
+"""Benchmarks of rwr_jax against reference implementations (protocol: shared BENCHMARKS.md)."""
