@@ -74,7 +74,8 @@ def machine_line() -> str:
 def summary(name: str, shape: str, ours: float, reference: str, value: float, unit: str, extra: str) -> str:
     """One BENCHMARKS.md summary line; ratio = ours / reference (higher is better)."""
     fmt = lambda v: f"{v:.3g}" if v < 10 else f"{v:.1f}" if v < 100 else f"{v:.0f}"  # noqa: E731
-    return f"{name} [{shape}]: ours {fmt(ours)} {unit} | {reference} {fmt(value)} {unit} | ratio {ours / value:.2f}x | {extra}"
+    return (f"{name} [{shape}]: ours {fmt(ours)} {unit} | {reference} {fmt(value)} {unit} | "
+            f"ratio {ours / value:.2f}x | {extra}")
 
 
 class Phases:
@@ -292,11 +293,15 @@ def bench_rollout(shape: str, repeats: int = 3, report: Callable[[str], None] = 
     runs = {"ours": lambda c: _checked(ours_rollout(s, c))}
     runs.update({f"hf_{n}t": (lambda c, n=n: hf_generate(s, c, n)) for n in hf_threads})
     first, median, _ = time_interleaved(runs, repeats)
-    _, _, phases = time_interleaved({"ours": lambda c: ours_rollout_phases(s, c)}, repeats, sync=True)
-    phases = phases["ours"]
-    hf = min((name for name in runs if name != "ours"), key=median.get)
+    # The bandwidth probe runs between the phase-timed rollouts, so both see the same machine load.
     width, vocab = SHAPES["small"]["hidden_size"], SHAPES["small"]["vocab_size"]
-    bandwidth, gflops = matmul_bandwidth(width, vocab)
+    probes = []
+    _, _, phases = time_interleaved({"ours": lambda c: ours_rollout_phases(s, c),
+                                     "probe": lambda c: probes.append(matmul_bandwidth(width, vocab))},
+                                    repeats, sync=True)
+    phases = phases["ours"]
+    bandwidth, gflops = np.median(probes[1:], axis=0)
+    hf = min((name for name in runs if name != "ours"), key=median.get)
     total_bytes, streamed_bytes = param_bytes(s.params)
     steps = NEW_TOKENS  # decode_round runs one forward per sampled token (the last one's output is unused)
     ours_rate = total_bytes * steps / phases["decode"] / 1e9
@@ -304,8 +309,9 @@ def bench_rollout(shape: str, repeats: int = 3, report: Callable[[str], None] = 
     others = "; ".join(f"{name} {tokens / median[name]:.1f} tokens/s (first call {first[name]:.2f} s)"
                        for name in runs if name != "ours")
     lines = [
-        f"rollout_breakdown [{shape}]: prefill {phases['prefill'] * 1e3:.1f} ms | decode {phases['decode'] * 1e3:.1f} ms"
-        f" ({phases['decode'] / steps * 1e3:.2f} ms/step, {steps} steps) | host {phases['host'] * 1e3:.1f} ms | "
+        f"rollout_breakdown [{shape}]: prefill {phases['prefill'] * 1e3:.1f} ms | decode "
+        f"{phases['decode'] * 1e3:.1f} ms ({phases['decode'] / steps * 1e3:.2f} ms/step, {steps} steps) | host "
+        f"{phases['host'] * 1e3:.1f} ms | "
         f"synced total {sum(phases.values()) * 1e3:.1f} ms; engine.rollout {median['ours'] * 1e3:.1f} ms",
         summary("rollout", shape, tokens / median["ours"], f"hf_generate({hf})", tokens / median[hf], "tokens/s",
                 f"batch {BATCH}, prompt {PROMPT_LENGTH}, {NEW_TOKENS} new tokens forced, T=1 top-k off top-p 1, fp32; "
@@ -437,8 +443,8 @@ def bench_rollout_retrieval(shape: str, repeats: int = 3, report: Callable[[str]
               f"blocks of {', '.join(f'{n:.0f}' for n in block_tokens)} mean tokens (extend chunk "
               f"{chunk_length(blocks)}); median of {repeats}; first calls "
               + ", ".join(f"{name} {first[name]:.2f} s" for name in runs))
-    lines = [f"rollout_retrieval_breakdown [{shape}] {name}: total {median[name] * 1e3:.1f} ms | "
-             + " | ".join(f"{p} {phases[name].get(p, 0.0) * 1e3:.1f} ms" for p in ("prefill", "decode", "extend", "host"))
+    lines = [f"rollout_retrieval_breakdown [{shape}] {name}: total {median[name] * 1e3:.1f} ms | " + " | ".join(
+        f"{p} {phases[name].get(p, 0.0) * 1e3:.1f} ms" for p in ("prefill", "decode", "extend", "host"))
              for name in runs]
     lines += [
         summary("rollout_retrieval", shape, rate["extend"], "no_retrieval_same_model_tokens_same_cache",
@@ -466,22 +472,27 @@ def _check_retrieval_rollout(out, blocks) -> None:
 
 
 BENCHMARKS = {"rollout": bench_rollout, "rollout_retrieval": bench_rollout_retrieval}
-_BENCH = flags.DEFINE_list("bench", ["rollout", "rollout_retrieval"], f"Benchmarks to run: {sorted(BENCHMARKS)}.")
-_SHAPES = flags.DEFINE_list("shapes", ["tiny", "small"], f"Model shapes: {sorted(SHAPES)}.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (median reported).")
 
 
 def main(argv):
+    """Runs --bench on --shapes (flags are defined only when this module is the program)."""
     del argv
-    for name in _BENCH.value:
+    names, shapes = flags.FLAGS.bench, flags.FLAGS.shapes
+    for name in names:
         if name not in BENCHMARKS:
             raise app.UsageError(f"--bench: unknown benchmark {name!r}; valid names: {sorted(BENCHMARKS)}")
+    for shape in shapes:
+        if shape not in SHAPES:
+            raise app.UsageError(f"--shapes: unknown shape {shape!r}; valid shapes: {sorted(SHAPES)}")
     emit(machine_line())
-    for name in _BENCH.value:
-        for shape in _SHAPES.value:
+    for name in names:
+        for shape in shapes:
             logging.info("running %s [%s]", name, shape)
-            BENCHMARKS[name](shape, _REPEATS.value)
+            BENCHMARKS[name](shape, flags.FLAGS.repeats)
 
 
 if __name__ == "__main__":
+    flags.DEFINE_list("bench", ["rollout", "rollout_retrieval"], f"Benchmarks to run: {sorted(BENCHMARKS)}.")
+    flags.DEFINE_list("shapes", ["tiny", "small"], f"Model shapes: {sorted(SHAPES)}.")
+    flags.DEFINE_integer("repeats", 3, "Timed repeats (median reported), >= 3.")
     app.run(main)
