@@ -1,6 +1,6 @@
 r"""Rollout benchmarks: our sampler vs `transformers` generate, and retrieval rounds (BENCHMARKS.md).
 
-    python -m rwr_jax.bench.rollout --bench=rollout,rollout_retrieval --shapes=tiny,small --repeats=3
+    python launch/bench.py rollout rollout_retrieval --shapes=tiny,small --repeats=3
 
 rollout: `engine.rollout` (one round, no stop strings or EOS, so every row writes exactly
 `new_tokens`) vs `generate(do_sample=True, top_k=0, top_p=1, min_new_tokens=max_new_tokens)`
@@ -17,104 +17,20 @@ the timed repeats and reports medians, ending with one summary line per pair.
 """
 
 import dataclasses
-import importlib.metadata
-import os
-import platform
-import tempfile
 import time
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
 
+from rwr_jax.bench.common import SHAPES, Phases, emit, random_qwen2, summary, time_interleaved
 from rwr_jax.models.qwen2_vl import convert
-from rwr_jax.models.qwen2_vl.config import read_hf_config
 from rwr_jax.rollout import engine, sampler, stop_strings
 
-# HF Qwen2Config keyword arguments of each shape (tiny MLP width chosen here: 4 x width).
-SHAPES = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=256, vocab_size=1024),
-    "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
-                  intermediate_size=1536, vocab_size=32000),
-}
 BATCH, PROMPT_LENGTH, NEW_TOKENS = 16, 64, 128
 ROUND_BUDGETS = (43, 43, 42)  # retrieval benchmark: model tokens per round (sum = NEW_TOKENS)
 PASSAGES, PASSAGE_TOKENS, BLOCK_MARKUP_TOKENS, EXTEND_BUCKET = 3, (94, 104), 8, 64
-
-
-def emit(line: str) -> None:
-    """Writes one result line to stdout (results, unlike logs, are the program's output)."""
-    print(line, flush=True)
-
-
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "absent"
-
-
-def machine_line() -> str:
-    """CPU model, cores, devices, library versions and thread settings."""
-    import torch  # pylint: disable=g-import-not-at-top
-    cpu = platform.processor() or "unknown CPU"
-    if os.path.isfile("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return (f"machine: {cpu} | {os.cpu_count()} cores | devices {jax.devices()} | jax {jax.__version__} | "
-            f"flax {_version('flax')} | torch {torch.__version__} | transformers {_version('transformers')} | "
-            f"threads: torch default {torch.get_num_threads()} (generate timed at 1 and 2), XLA CPU default pool, "
-            f"OMP_NUM_THREADS="
-            f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, XLA_FLAGS={os.environ.get('XLA_FLAGS', 'unset')!r}")
-
-
-def summary(name: str, shape: str, ours: float, reference: str, value: float, unit: str, extra: str) -> str:
-    """One BENCHMARKS.md summary line; ratio = ours / reference (higher is better)."""
-    fmt = lambda v: f"{v:.3g}" if v < 10 else f"{v:.1f}" if v < 100 else f"{v:.0f}"  # noqa: E731
-    return (f"{name} [{shape}]: ours {fmt(ours)} {unit} | {reference} {fmt(value)} {unit} | "
-            f"ratio {ours / value:.2f}x | {extra}")
-
-
-class Phases:
-    """Accumulates wall time per phase; with `sync`, each mark first waits for the device value."""
-
-    def __init__(self, sync: bool):
-        self.sync, self.seconds, self._last = sync, {}, time.perf_counter()
-
-    def mark(self, phase: str, value=None) -> None:
-        """Charges the time since the previous mark to `phase`."""
-        if self.sync and value is not None:
-            jax.block_until_ready(value)
-        now = time.perf_counter()
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
-        self._last = now
-
-
-def time_interleaved(runs: dict[str, Callable[[Phases], object]], repeats: int,
-                     sync: bool = False) -> tuple[dict[str, float], dict[str, float], dict[str, dict[str, float]]]:
-    """Times each run after one warm-up call, repeats interleaved across runs.
-
-    Returns:
-      (first-call seconds, median seconds, median seconds per phase) keyed by run name.
-    """
-    first, times, phases = {}, {name: [] for name in runs}, {name: [] for name in runs}
-    for name, run in runs.items():
-        start = time.perf_counter()
-        run(Phases(sync))
-        first[name] = time.perf_counter() - start
-    for _ in range(repeats):
-        for name, run in runs.items():
-            clock = Phases(sync)
-            start = time.perf_counter()
-            run(clock)
-            times[name].append(time.perf_counter() - start)
-            phases[name].append(clock.seconds)
-    median_phases = {name: {p: float(np.median([s.get(p, 0.0) for s in runs_phases])) for p in runs_phases[0]}
-                     for name, runs_phases in phases.items()}
-    return first, {name: float(np.median(t)) for name, t in times.items()}, median_phases
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -135,20 +51,8 @@ class Setup:
 
 
 def build_setup(shape: str, seed: int = 0) -> Setup:
-    """A random HF Qwen2ForCausalLM of `shape`, saved and loaded into our DecoderLM; [16, 64] prompts."""
-    import torch  # pylint: disable=g-import-not-at-top
-    import transformers  # pylint: disable=g-import-not-at-top
-    if shape not in SHAPES:
-        raise ValueError(f"shape must be one of {sorted(SHAPES)}, got {shape!r}")
-    torch.manual_seed(seed)
-    hf_config = transformers.Qwen2Config(
-        **SHAPES[shape], rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
-        max_position_embeddings=4096, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    hf_model = transformers.Qwen2ForCausalLM(hf_config).eval()
-    with tempfile.TemporaryDirectory() as directory:
-        hf_model.save_pretrained(directory)
-        config, _ = read_hf_config(directory)
-        params = convert.load_hf_params(directory, config, progress=False)
+    """A random HF Qwen2ForCausalLM of `shape` and the same weights in our DecoderLM; [16, 64] prompts."""
+    hf_model, config, params = random_qwen2(shape, seed)
     tokens = np.random.default_rng(seed).integers(0, config.vocab_size, (BATCH, PROMPT_LENGTH)).astype(np.int32)
     prompts = engine.PromptBatch(tokens=tokens, token_mask=np.ones_like(tokens, bool),
                                  positions=np.broadcast_to(np.arange(PROMPT_LENGTH, dtype=np.int32), tokens.shape))
@@ -469,30 +373,3 @@ def _check_retrieval_rollout(out, blocks) -> None:
             and (length == model_tokens + env_tokens).all()):
         raise RuntimeError(f"retrieval rollout wrote model tokens {set(model_tokens.tolist())}, "
                            f"env tokens {env_tokens.tolist()} (expected {expected_env.tolist()})")
-
-
-BENCHMARKS = {"rollout": bench_rollout, "rollout_retrieval": bench_rollout_retrieval}
-
-
-def main(argv):
-    """Runs --bench on --shapes (flags are defined only when this module is the program)."""
-    del argv
-    names, shapes = flags.FLAGS.bench, flags.FLAGS.shapes
-    for name in names:
-        if name not in BENCHMARKS:
-            raise app.UsageError(f"--bench: unknown benchmark {name!r}; valid names: {sorted(BENCHMARKS)}")
-    for shape in shapes:
-        if shape not in SHAPES:
-            raise app.UsageError(f"--shapes: unknown shape {shape!r}; valid shapes: {sorted(SHAPES)}")
-    emit(machine_line())
-    for name in names:
-        for shape in shapes:
-            logging.info("running %s [%s]", name, shape)
-            BENCHMARKS[name](shape, flags.FLAGS.repeats)
-
-
-if __name__ == "__main__":
-    flags.DEFINE_list("bench", ["rollout", "rollout_retrieval"], f"Benchmarks to run: {sorted(BENCHMARKS)}.")
-    flags.DEFINE_list("shapes", ["tiny", "small"], f"Model shapes: {sorted(SHAPES)}.")
-    flags.DEFINE_integer("repeats", 3, "Timed repeats (median reported), >= 3.")
-    app.run(main)

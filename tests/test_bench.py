@@ -1,0 +1,35 @@
+"""The benchmark plumbing (the benchmarks themselves never run in tests: BENCHMARKS.md)."""
+
+import os
+import subprocess
+import sys
+
+from rwr_jax.bench import common
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_summary_line_follows_the_protocol():
+    line = common.summary("rollout", "tiny", 12000.0, "hf_generate", 3000.0, "tokens/s", "batch 16")
+    assert line == "rollout [tiny]: ours 12000 tokens/s | hf_generate 3000 tokens/s | ratio 4.00x | batch 16"
+    build = common.summary("retrieval_build", "1M", 2.0, "faiss", 3.0, "s", "x", higher_is_better=False)
+    assert "ratio 1.50x" in build and "ours 2 s" in build
+
+
+def test_time_interleaved_reports_first_call_median_and_phases():
+    calls = []
+
+    def run(clock):
+        calls.append(1)
+        clock.mark("work")
+
+    first, median, phases = common.time_interleaved({"a": run, "b": run}, repeats=3)
+    assert len(calls) == 8 and set(first) == set(median) == {"a", "b"}
+    assert set(phases["a"]) == {"work"}
+
+
+def test_launcher_rejects_unknown_names_and_shapes():
+    for args, message in ((["nope"], "unknown benchmark"), (["rollout", "--shapes=huge"], "--shapes")):
+        out = subprocess.run([sys.executable, os.path.join(REPO, "launch", "bench.py"), *args],
+                             capture_output=True, text=True, check=False)
+        assert out.returncode != 0 and message in out.stderr, out.stderr
