@@ -5,6 +5,7 @@
     processed.pixel_values      # [P, 3 * 2 * 14 * 14] float32, all images concatenated
     processed.grid_thw          # [N, 3] int32 (t, h, w) in patches, t == 1 for images
     processed.num_image_tokens  # [N] int32 <|image_pad|> tokens per image
+    clip_pixel_values(images, ClipImageConfig(image_size=224))  # [N, 224, 224, 3] for a CLIP tower
 
 The pixels come from `transformers`' PIL/NumPy Qwen2-VL image processor
 (`Qwen2VLImageProcessorPil`, which Qwen2.5-VL uses unchanged; it needs neither torch
@@ -27,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from transformers.image_transforms import convert_to_rgb
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as hf_qwen2_vl
 
 # `smart_resize` refuses images whose long side exceeds this multiple of the short side.
@@ -74,6 +76,48 @@ class ImageProcessingConfig:
     def patch_dim(self) -> int:
         """Width of one row of `pixel_values`: 3 * temporal_patch_size * patch_size**2."""
         return 3 * self.temporal_patch_size * self.patch_size**2
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ClipImageConfig:
+    """CLIP image preprocessing (transformers' CLIPImageProcessor): resize, crop, normalise.
+
+    Attributes:
+        image_size: S, the shortest side is resized to S (PIL bicubic), then centre-cropped to S x S.
+        image_mean: per-channel (R, G, B) mean, in [0, 1] units.
+        image_std: per-channel (R, G, B) standard deviation, in [0, 1] units.
+    """
+
+    image_size: int
+    image_mean: tuple[float, float, float] = tuple(OPENAI_CLIP_MEAN)
+    image_std: tuple[float, float, float] = tuple(OPENAI_CLIP_STD)
+
+    def __post_init__(self):
+        if not isinstance(self.image_size, int) or self.image_size < 1:
+            raise ValueError(f"ClipImageConfig.image_size must be an int >= 1, got {self.image_size!r}")
+        for name in ("image_mean", "image_std"):
+            value = tuple(float(v) for v in getattr(self, name))
+            if len(value) != 3:
+                raise ValueError(f"ClipImageConfig.{name} must hold 3 values (R, G, B), got {value}")
+            object.__setattr__(self, name, value)
+
+
+def clip_pixel_values(images: Sequence[Image.Image], config: ClipImageConfig) -> np.ndarray:
+    """CLIP preprocessing as transformers' CLIPImageProcessor does it, channels last.
+
+    Shortest side resized to image_size (PIL bicubic), centre crop to a square,
+    rescale by 1/255, normalise with the config's mean / std.
+
+    Returns:
+        [N, S, S, 3] float32, S = config.image_size ([0, S, S, 3] for no images).
+    """
+    size = config.image_size
+    if not images:
+        return np.zeros((0, size, size, 3), np.float32)
+    processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                      image_mean=list(config.image_mean), image_std=list(config.image_std))
+    pixels = processor(images=list(images), return_tensors="np")["pixel_values"]
+    return np.ascontiguousarray(np.asarray(pixels, np.float32).transpose(0, 2, 3, 1))
 
 
 @dataclasses.dataclass(frozen=True)

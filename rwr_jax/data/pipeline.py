@@ -15,7 +15,8 @@ NumPy; batches go to devices in the train loop. Shapes: T is the next multiple o
 `length_bucket` >= the batch's longest prompt, capped at `max_prompt_length` (always
 `max_prompt_length` when `length_bucket` is None); N = batch_size * max_images_per_prompt;
 the patch bucket is `num_patches`, or the power-of-two `vision.patch_bucket` of the batch's
-largest image. A short final batch (`drop_remainder=False`) is filled with copies of its
+largest image. With `clip_image` set, each image is also preprocessed for a CLIP image tower
+(`clip_pixels`, for the visual query reward). A short final batch (`drop_remainder=False`) is filled with copies of its
 last prompt and `example_mask` False.
 """
 
@@ -46,6 +47,8 @@ class PipelineConfig:
         num_patches: fixed patch bucket per image; None: power-of-two buckets per batch.
         min_patch_bucket: smallest power-of-two patch bucket.
         image: image preprocessing settings.
+        clip_image: also preprocess every image for a CLIP image tower (`clip_pixels`);
+            None: don't.
         mrope: positions [3, P, T] from `rope_index` (Qwen2.5-VL); False: [P, T] 1-D.
         seed: shuffle seed (and curriculum tie-breaking).
         shuffle: shuffle records (each epoch differently).
@@ -66,6 +69,7 @@ class PipelineConfig:
     num_patches: int | None = None
     min_patch_bucket: int = 64
     image: image_processing.ImageProcessingConfig = image_processing.ImageProcessingConfig()
+    clip_image: image_processing.ClipImageConfig | None = None
     mrope: bool = True
     seed: int = 0
     shuffle: bool = True
@@ -97,12 +101,14 @@ class PipelineConfig:
 @dataclasses.dataclass(frozen=True)
 class EncodedPrompt:
     """One record made ready for batching: prompt tokens [L] int32, grid_thw [n, 3] int32,
-    pixel_values [sum(t * h * w), patch_dim] float32."""
+    pixel_values [sum(t * h * w), patch_dim] float32, clip_pixels [n, S, S, 3] float32
+    (None without `clip_image`)."""
 
     record: records.Record
     tokens: np.ndarray
     grid_thw: np.ndarray
     pixel_values: np.ndarray
+    clip_pixels: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -123,6 +129,8 @@ class HostPromptBatch:
         ids, answers, answer_letters, answer_texts: P strings each: record id, answer as
             written, correct letter ("" for free text), correct option text.
         options: P `{letter: text}` dicts (None for open questions).
+        clip_pixels: [N, S, S, 3] float32 CLIP-preprocessed images in the order of
+            image_grid_thw, zeros on padding (`PipelineConfig.clip_image`), else None.
     """
 
     tokens: np.ndarray
@@ -139,6 +147,7 @@ class HostPromptBatch:
     answer_letters: tuple[str, ...]
     answer_texts: tuple[str, ...]
     options: tuple[dict[str, str] | None, ...]
+    clip_pixels: np.ndarray | None = None
 
     def prompt_fields(self) -> dict:
         """The fields of `rollout.engine.PromptBatch`: tokens, token_mask, positions, images."""
@@ -167,8 +176,10 @@ class EncodePrompt:
                              f"{config.max_images_per_prompt}")
         grid = np.zeros((0, 3), np.int32)
         pixels = np.zeros((0, config.image.patch_dim), np.float32)
+        loaded = [image_processing.load_image(path) for path in record.images]
+        clip_pixels = None if config.clip_image is None else image_processing.clip_pixel_values(
+            loaded, config.clip_image)
         if record.images:
-            loaded = [image_processing.load_image(path) for path in record.images]
             processed = image_processing.process_images(loaded, config.image, names=record.images)
             grid, pixels = processed.grid_thw, processed.pixel_values
             largest = int(grid.prod(axis=1).max())
@@ -178,7 +189,8 @@ class EncodePrompt:
         counts = image_processing.image_token_counts(grid, config.image.merge_size).tolist()
         with self._lock:
             tokens = chat_template.encode_prompt(self.tokenizer, record.question, counts, config.system_prompt)
-        return EncodedPrompt(record=record, tokens=tokens, grid_thw=grid, pixel_values=pixels)
+        return EncodedPrompt(record=record, tokens=tokens, grid_thw=grid, pixel_values=pixels,
+                             clip_pixels=clip_pixels)
 
 
 class FitsPromptLength:
@@ -240,7 +252,17 @@ class CollatePrompts:
             num_image_tokens=(tokens == tokenizer_lib.IMAGE_PAD_ID).sum(axis=1).astype(np.int32),
             example_mask=np.arange(size) < real, ids=tuple(r.id for r in records_),
             answers=tuple(r.answer for r in records_), answer_letters=tuple(r.answer_letter or "" for r in records_),
-            answer_texts=tuple(r.answer_text for r in records_), options=tuple(r.options for r in records_))
+            answer_texts=tuple(r.answer_text for r in records_), options=tuple(r.options for r in records_),
+            clip_pixels=self._clip_pixels(examples, capacity))
+
+    def _clip_pixels(self, examples, capacity: int) -> np.ndarray | None:
+        clip = self.config.clip_image
+        if clip is None:
+            return None
+        out = np.zeros((capacity, clip.image_size, clip.image_size, 3), np.float32)
+        pixels = np.concatenate([e.clip_pixels for e in examples])
+        out[:len(pixels)] = pixels
+        return out
 
     def _pack(self, examples, grids: np.ndarray, capacity: int) -> vision.VisionInputs | None:
         if capacity == 0:

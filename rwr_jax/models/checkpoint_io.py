@@ -166,7 +166,7 @@ def write_checkpoint(out_dir: str, tensors: Iterable[tuple[str, np.ndarray]],
     for name, array in tensors:
         if shard and sum(a.nbytes for a in shard.values()) + array.nbytes > max_shard_bytes:
             flush()
-        shard[name] = np.ascontiguousarray(array)
+        shard[name] = np.asarray(array, order="C")  # not ascontiguousarray: it makes 0-d arrays 1-d
         total += array.nbytes
     flush()
     # Shard names carry the shard count, known only now.

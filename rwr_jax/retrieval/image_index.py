@@ -35,8 +35,8 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from PIL import Image
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from rwr_jax.data import image_processing
 from rwr_jax.data.image_processing import load_image
 from rwr_jax.models import checkpoint_io, hf_conversion
 from rwr_jax.models.clip import convert
@@ -191,19 +191,19 @@ class ImageCorpus:
 
 
 def preprocess_images(images: Sequence[Image.Image], config: ClipConfig) -> np.ndarray:
-    """CLIP preprocessing as transformers' CLIPImageProcessor does it, channels last.
-
-    Shortest side resized to image_size (PIL bicubic), centre crop to a square,
-    rescale by 1/255, normalise with the config's mean / std.
+    """CLIP preprocessing as transformers' CLIPImageProcessor does it, channels last
+    (`image_processing.clip_pixel_values` with the config's image size, mean and std).
 
     Returns:
       [N, S, S, 3] float32, S = config.vision.image_size.
     """
-    size = config.vision.image_size
-    processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                                      image_mean=list(config.image_mean), image_std=list(config.image_std))
-    pixels = processor(images=list(images), return_tensors="np")["pixel_values"]
-    return np.ascontiguousarray(np.asarray(pixels, np.float32).transpose(0, 2, 3, 1))
+    return image_processing.clip_pixel_values(images, clip_image_config(config))
+
+
+def clip_image_config(config: ClipConfig) -> image_processing.ClipImageConfig:
+    """The image preprocessing a CLIP config was trained with."""
+    return image_processing.ClipImageConfig(image_size=config.vision.image_size, image_mean=config.image_mean,
+                                            image_std=config.image_std)
 
 
 class ClipImageEncoder:

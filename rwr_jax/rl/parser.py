@@ -385,8 +385,15 @@ def _query_arrays(rows: list[RowParse], tables: TextTables, bucket: int) -> tupl
     return ids, mask
 
 
+def parse_rows(trajectory, tables: TextTables) -> list[RowParse]:
+    """`parse_row` of every completion of a trajectory batch (`tokens`, `source`, `length`)."""
+    tokens, source, lengths = (np.asarray(x) for x in (trajectory.tokens, trajectory.source, trajectory.length))
+    return [parse_row(tokens[b], source[b], lengths[b], tables) for b in range(tokens.shape[0])]
+
+
 def parse_batch(trajectory, answers: Sequence[str], tables: TextTables, *,
-                options: Sequence[Mapping[str, str] | None] | None = None, bucket: int = 16) -> ParsedBatch:
+                options: Sequence[Mapping[str, str] | None] | None = None, bucket: int = 16,
+                rows: Sequence[RowParse] | None = None) -> ParsedBatch:
     """Parses every completion of a batch into a ParsedBatch.
 
     Args:
@@ -395,18 +402,21 @@ def parse_batch(trajectory, answers: Sequence[str], tables: TextTables, *,
       tables: from `build_text_tables`.
       options: optional per-row {letter: option text} mappings.
       bucket: lengths are padded up to a multiple of this (>= 1).
+      rows: the rows already parsed (`parse_rows`), so callers that also read them
+        (e.g. `visual_query_texts`) parse once.
 
     Returns:
       ParsedBatch of NumPy arrays.
     """
-    tokens, source, lengths = (np.asarray(x) for x in (trajectory.tokens, trajectory.source, trajectory.length))
-    batch = tokens.shape[0]
+    batch = np.shape(trajectory.tokens)[0]
     if len(answers) != batch or (options is not None and len(options) != batch):
         raise ValueError(f"answers/options must have B={batch} entries, got {len(answers)}/"
                          f"{None if options is None else len(options)}")
     if bucket < 1:
         raise ValueError(f"bucket must be >= 1, got {bucket}")
-    rows = [parse_row(tokens[b], source[b], lengths[b], tables) for b in range(batch)]
+    rows = parse_rows(trajectory, tables) if rows is None else list(rows)
+    if len(rows) != batch:
+        raise ValueError(f"rows must have B={batch} entries, got {len(rows)}")
     truths = [parse_ground_truth(a, None if options is None else options[b]) for b, a in enumerate(answers)]
     scores = [score_answer(r.answer, t) for r, t in zip(rows, truths)]
     k = _round_up(max(len(r.kinds) for r in rows), 4)

@@ -4,10 +4,11 @@
     train(config, workdir)        # resumes from the latest checkpoint in workdir
 
 Phases, each a short function: model (checkpoint or demo init), data (grain prompt
-pipeline), retrieval (text encoder + index), then the loop: roll out G completions per
-prompt, parse and score them, compute group advantages, one jitted update; metrics and
-sample completions to TensorBoard and the console; orbax checkpoints with the data
-iterator's position; the trained policy exported as Hugging Face safetensors.
+pipeline), retrieval (text encoder + index), the visual reward's CLIP (`visual_scoring`),
+then the loop: roll out G completions per prompt, parse and score them, compute group
+advantages, one jitted update; metrics and sample completions to TensorBoard and the
+console; orbax checkpoints with the data iterator's position; the trained policy
+exported as Hugging Face safetensors.
 """
 
 import dataclasses
@@ -23,6 +24,7 @@ from absl import logging
 from rwr_jax import config_lib, registry
 from rwr_jax.data import chat_template, demo as demo_data, records, tokenizer as tokenizer_lib
 from rwr_jax.data.pipeline import PipelineConfig, PromptPipeline
+from rwr_jax.models.clip import demo as clip_demo
 from rwr_jax.models.qwen2_vl import convert
 from rwr_jax.models.qwen2_vl.config import DecoderConfig, read_hf_config
 from rwr_jax.models.qwen2_vl.model import VLConfig, read_vl_config
@@ -30,7 +32,7 @@ from rwr_jax.models.qwen2_vl.vision import VisionConfig
 from rwr_jax.rl import advantages as advantages_lib, losses, parser, rewards
 from rwr_jax.rollout import engine, sampler, stop_strings
 from rwr_jax.rollout.trajectory import FINISH_REASONS, Passage
-from rwr_jax.train import checkpoint, format_prior, optimizer as optimizer_lib, scoring
+from rwr_jax.train import checkpoint, format_prior, optimizer as optimizer_lib, scoring, visual_scoring
 from rwr_jax.train.metrics import MetricWriter
 from rwr_jax.train.step import TrainState, _embeds, _image_features, train_step
 
@@ -50,6 +52,7 @@ class Components:
     stop_tables: Any
     letter_ids: Any
     optimizer: Any
+    visual: visual_scoring.VisualScorer | None = None  # with the "query_visual" reward
 
 
 # ----------------------------------------------------------------------------- model
@@ -77,7 +80,7 @@ def build_model(cfg, tokenizer):
 
 
 # ------------------------------------------------------------------------------ data
-def build_pipeline(cfg, workdir, tokenizer, model_config) -> PromptPipeline:
+def build_pipeline(cfg, workdir, tokenizer, model_config, clip_image=None) -> PromptPipeline:
     train_path = cfg.data.train_path
     if cfg.data.get("demo"):
         paths = demo_data.generate_demo_data(os.path.join(workdir, "demo_data"), num_train=cfg.data.demo_size,
@@ -88,7 +91,8 @@ def build_pipeline(cfg, workdir, tokenizer, model_config) -> PromptPipeline:
     config = PipelineConfig(batch_size=cfg.data.batch_size, max_prompt_length=cfg.data.max_prompt_length,
                             length_bucket=cfg.data.length_bucket or None, system_prompt=cfg.system_prompt,
                             max_images_per_prompt=cfg.data.max_images_per_prompt,
-                            mrope=text.mrope_section is not None, seed=cfg.seed, curriculum=cfg.data.curriculum)
+                            mrope=text.mrope_section is not None, seed=cfg.seed, curriculum=cfg.data.curriculum,
+                            clip_image=clip_image)
     vision = model_config.vision if isinstance(model_config, VLConfig) else None
     return PromptPipeline(source, tokenizer, config, vision)
 
@@ -136,15 +140,21 @@ def _check_rewards(cfg) -> None:
     unknown = set(cfg.rewards.names) - set(registry.names("reward"))
     if unknown:
         raise ValueError(f"rewards.names {sorted(unknown)} are not registered; known: {registry.names('reward')}")
-    if "query_visual" in cfg.rewards.names:
-        # The CLIP port and image index exist (models/clip, retrieval/image_index); scoring
-        # queries against the prompt images inside the loop is not wired yet.
-        raise ValueError("rewards.names includes 'query_visual', which the trainer does not compute yet; "
-                         "remove it (and its weight) from the config")
+
+
+def build_visual(cfg, workdir: str) -> visual_scoring.VisualScorer | None:
+    """The CLIP scorer of the "query_visual" reward (the demo writes a random one), else None."""
+    if "query_visual" not in cfg.rewards.names:
+        return None
+    path = cfg.rewards.clip_checkpoint
+    if cfg.rewards.get("demo_clip"):
+        path = clip_demo.write_demo_clip(os.path.join(workdir, "demo_data", "clip"), cfg.seed)
+    return visual_scoring.load_scorer(path)
 
 
 def build(cfg, workdir: str) -> Components:
     _check_rewards(cfg)
+    visual = build_visual(cfg, workdir)
     tokenizer = tokenizer_lib.load_tokenizer(cfg.tokenizer_path or None)
     model, model_config, params, hf_config = build_model(cfg, tokenizer)
     text = model_config.text if isinstance(model_config, VLConfig) else model_config
@@ -154,13 +164,13 @@ def build(cfg, workdir: str) -> Components:
     uses_retrieval = cfg.rollout.max_rounds > 1
     return Components(
         model=model, model_config=model_config, hf_config=hf_config, tokenizer=tokenizer, initial_params=params,
-        pipeline=build_pipeline(cfg, workdir, tokenizer, model_config),
+        pipeline=build_pipeline(cfg, workdir, tokenizer, model_config, visual.image_config if visual else None),
         retrieve=build_retrieve(cfg, workdir) if uses_retrieval else (lambda queries: [[] for _ in queries]),
         text_tables=parser.build_text_tables(tokenizer, text.vocab_size),
         stop_tables=stop_strings.build_stop_tables(stop_strings.token_bytes_of(tokenizer, text.vocab_size),
                                                    ("</query>", "</answer>")),
         letter_ids=tuple(jnp.asarray(x) for x in rewards.option_letter_token_ids(tokenizer)),
-        optimizer=optimizer_lib.make_optimizer(opt_config, params))
+        optimizer=optimizer_lib.make_optimizer(opt_config, params), visual=visual)
 
 
 # ------------------------------------------------------------------------------ loop
@@ -183,9 +193,14 @@ def experience(cfg, c: Components, params, batch, key):
     traj = engine.rollout(c.model, params, prompts, c.tokenizer, c.retrieve, rollout_config(cfg), key,
                           stop_tables=c.stop_tables, eos_ids=tokenizer_lib.EOS_IDS,
                           max_retrieved_tokens=cfg.retrieval.max_retrieved_tokens)
-    parsed = parser.parse_batch(traj, _repeat(batch.answers, g), c.text_tables, options=_repeat(batch.options, g))
+    rows = parser.parse_rows(traj, c.text_tables)
+    parsed = parser.parse_batch(traj, _repeat(batch.answers, g), c.text_tables, options=_repeat(batch.options, g),
+                                rows=rows)
     names, weights = tuple(cfg.rewards.names), tuple(cfg.rewards.weights)
     inputs = {}
+    if c.visual is not None:
+        inputs.update(c.visual.reward_inputs([parser.visual_query_texts(r) for r in rows], batch.clip_pixels,
+                                             batch.num_images, g))
     features = _image_features(c.model, params, batch.images) if batch.images is not None else None
     image_id = getattr(c.model_config, "image_token_id", None)
     if "confidence_gain" in names:

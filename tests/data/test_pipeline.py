@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from rwr_jax.data import chat_template, demo, pipeline, records, tokenizer as tokenizer_lib
+from rwr_jax.data import chat_template, demo, image_processing, pipeline, records, tokenizer as tokenizer_lib
 from rwr_jax.models.qwen2_vl import positions as positions_lib, vision
 
 SYSTEM = "You are a doctor."
@@ -195,6 +195,18 @@ def test_text_only_and_1d_positions(text_source, image_source, tokenizer):
     with pytest.raises(ValueError, match=r"record 'demo-train-\d+' \(.*train.jsonl:\d+\) has 1 images, more than "
                                          r"data.max_images_per_prompt=0"):
         _batches(image_source, tokenizer, count=1, max_images_per_prompt=0)
+
+
+def test_clip_pixels_of_the_record_images(image_source, text_source, tokenizer):
+    clip = image_processing.ClipImageConfig(image_size=24)
+    batch = _batches(image_source, tokenizer, count=1, clip_image=clip)[0]
+    by_id = {image_source[i].id: image_source[i] for i in range(len(image_source))}
+    images = [image_processing.load_image(p) for i in batch.ids for p in by_id[i].images]
+    assert batch.clip_pixels.shape == (4, 24, 24, 3) and len(images) == 4
+    np.testing.assert_array_equal(batch.clip_pixels, image_processing.clip_pixel_values(images, clip))
+    assert _batches(image_source, tokenizer, count=1)[0].clip_pixels is None
+    text = _batches(text_source, tokenizer, count=1, max_images_per_prompt=0, clip_image=clip)[0]
+    assert text.clip_pixels.shape == (0, 24, 24, 3)
 
 
 @pytest.mark.parametrize("changes, message", [

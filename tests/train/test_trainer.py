@@ -40,6 +40,8 @@ def test_stage2_demo_command(tmp_path):
     queries = [e.value for e in events.Scalars("rollout/queries")]
     print("queries per completion by step:", queries)
     assert max(queries) > 0, "the demo must exercise retrieval rounds"
+    visual = [e.value for e in events.Scalars("reward/query_visual")]  # the demo's random CLIP
+    assert len(visual) == 3 and all(0 < abs(v) <= 0.1 for v in visual), visual
     assert len(events.Scalars("train/loss")) == 3
     assert os.path.isdir(tmp_path / "checkpoints" / "3")
     import torch
@@ -69,4 +71,17 @@ def test_stage_configs_build():
             cfg = module.get_config(arg)
             assert len(cfg.rewards.names) == len(cfg.rewards.weights)
     assert "query_visual" in stage2.get_config(None).rewards.names
+    demo = stage2.get_config("demo")
+    assert "query_visual" in demo.rewards.names and demo.rewards.demo_clip
+    assert not stage2.get_config("demo,clip=/models/clip").rewards.demo_clip
     assert stage1.get_config(None).rewards.names == ["accuracy", "format"]
+
+
+def test_visual_reward_needs_a_clip_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match=r"rewards.clip_checkpoint is empty: the 'query_visual' reward needs"):
+        trainer.build_visual(stage2.get_config(None), str(tmp_path))
+    assert trainer.build_visual(stage1.get_config("demo"), str(tmp_path)) is None
+    cfg = stage2.get_config("demo")
+    cfg.rewards.names, cfg.rewards.weights = ["accuracy", "query_vision"], [1.0, 1.0]
+    with pytest.raises(ValueError, match=r"rewards.names \['query_vision'\] are not registered"):
+        trainer.build(cfg, str(tmp_path))

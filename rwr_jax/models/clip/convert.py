@@ -39,9 +39,12 @@ open_clip BiomedCLIP (`open_clip_pytorch_model.bin` / `open_clip_model.safetenso
 """
 
 import functools
+import json
+import os
 import re
 from typing import Any, Iterable, Iterator
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,6 +134,48 @@ def load_hf_params(checkpoint_dir: str, config: ClipConfig, *, shardings: Any = 
         source=checkpoint_dir, param_dtype=lambda path: config.jnp_param_dtype,
         skip=lambda name: bool(_BUFFERS.search(name)) or (image_only and name.startswith(_TEXT_PREFIXES)),
         config_summary=f"vision layers={config.vision.num_layers}, image_only={image_only}", shardings=shardings)
+
+
+def to_hf_config(config: ClipConfig) -> dict[str, Any]:
+    """The transformers `CLIPModel` `config.json` of a ClipConfig with a text tower."""
+    v, t = config.vision, config.text
+    if t is None:
+        raise ValueError("to_hf_config needs config.text (a CLIPModel has both towers)")
+    tower = lambda c: dict(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,  # noqa: E731
+                           num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+                           layer_norm_eps=c.layer_norm_eps, hidden_act=c.hidden_act)
+    return dict(model_type="clip", architectures=["CLIPModel"], projection_dim=config.projection_dim,
+                logit_scale_init_value=config.logit_scale_init, torch_dtype=config.param_dtype,
+                vision_config=dict(tower(v), image_size=v.image_size, patch_size=v.patch_size,
+                                   num_channels=v.num_channels),
+                text_config=dict(tower(t), vocab_size=t.vocab_size, max_position_embeddings=t.max_position_embeddings,
+                                 eos_token_id=t.eos_token_id, pad_token_id=t.pad_token_id))
+
+
+def save_hf_checkpoint(params: Any, config: ClipConfig, out_dir: str,
+                       hf_config: dict[str, Any] | None = None) -> None:
+    """Writes ClipModel params as a transformers `CLIPModel` directory: `model.safetensors`,
+    `config.json` (`hf_config`, default `to_hf_config(config)`) and a CLIPImageProcessor
+    `preprocessor_config.json` (no tokenizer).
+
+    Only OpenAI-style towers (no patch bias, pre-LN) have a transformers CLIPModel layout.
+    """
+    if config.text is None or config.vision.patch_bias or not config.vision.pre_layernorm:
+        raise ValueError("save_hf_checkpoint needs a CLIPModel-style config (text tower, no patch bias, pre-LN)")
+    table = conversion_table(config)
+    hf_conversion.check_params_match(params, table, where="params")
+    flat = hf_conversion.flatten_params(params)
+    tensors = ((name, hf_conversion.to_hf(np.asarray(jax.device_get(nn.unbox(flat[entry.path]))), entry))
+               for name, entry in table.items())
+    checkpoint_io.write_checkpoint(out_dir, tensors)
+    size = config.vision.image_size
+    preprocessor = dict(image_processor_type="CLIPImageProcessor", do_resize=True, size={"shortest_edge": size},
+                        resample=3, do_center_crop=True, crop_size={"height": size, "width": size}, do_rescale=True,
+                        rescale_factor=1 / 255, do_normalize=True, image_mean=list(config.image_mean),
+                        image_std=list(config.image_std), do_convert_rgb=True)
+    for name, content in (("config.json", hf_config or to_hf_config(config)), ("preprocessor_config.json", preprocessor)):
+        with open(os.path.join(out_dir, name), "w") as f:
+            json.dump(content, f, indent=2, sort_keys=True)
 
 
 def open_clip_vision_tensors(tensors: Iterable[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
