@@ -2,27 +2,41 @@
 
 Every kernel computes softmax(q k^T * scale + mask) v with grouped-query heads and a
 boolean mask, and never needs the caller to repeat K/V heads.
-  - "xla": `jax.nn.dot_product_attention` lowered by XLA (any backend; builds the
-    [T, S] score matrix).
-  - "cudnn": the same call lowered to cuDNN flash attention (NVIDIA GPUs, bf16/fp16);
-    never materialises [T, S] scores in HBM.
+  - "xla": explicit batched matmuls in the canonical [batch, kv_head, rows, head_dim]
+    form (any backend; builds the [T, S] score matrix, softmax in float32). Keys and
+    values are read as [B, K, S, head_dim]: the KV cache is stored that way, so the
+    caller's transpose to [B, S, K, head_dim] and ours cancel and a decode step reads
+    the cache without copying it.
+  - "cudnn": `jax.nn.dot_product_attention` lowered to cuDNN flash attention (NVIDIA
+    GPUs, bf16/fp16); never materialises [T, S] scores in HBM.
 """
 
-import functools
-
 import jax
+import jax.numpy as jnp
 
 from rwr_jax import registry
 
 
-def _dot_product_attention(query, key, value, mask, scale, *, implementation):
-    return jax.nn.dot_product_attention(
-        query, key, value, mask=mask[:, None, :, :], scale=scale, implementation=implementation)
+@registry.register("attention", "xla")
+def _xla_attention(query, key, value, mask, scale):
+    batch, length, heads, head_dim = query.shape
+    kv_heads = key.shape[2]
+    group = heads // kv_heads
+    # [B, T, H, hd] -> [B, K, G * T, hd]; keys / values [B, S, K, hd] -> [B, K, S, hd].
+    q = query.reshape(batch, length, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
+    q = q.reshape(batch, kv_heads, group * length, head_dim)
+    k, v = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkqh,bksh->bkqs", q, k, preferred_element_type=jnp.float32) * scale
+    scores = scores.reshape(batch, kv_heads, group, length, -1)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype).reshape(batch, kv_heads, group * length, -1)
+    out = jnp.einsum("bkqs,bksh->bkqh", probs, v).reshape(batch, kv_heads, group, length, head_dim)
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim).astype(query.dtype)
 
 
-for _name in ("xla", "cudnn"):
-    registry.register("attention", _name)(
-        functools.partial(_dot_product_attention, implementation=_name))
+@registry.register("attention", "cudnn")
+def _cudnn_attention(query, key, value, mask, scale):
+    return jax.nn.dot_product_attention(query, key, value, mask=mask[:, None], scale=scale, implementation="cudnn")
 
 
 def attend(

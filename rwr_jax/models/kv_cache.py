@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 # Logical axis names of `keys`/`values`, for the sharding rules.
-CACHE_AXES = ("layers", "activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
+CACHE_AXES = ("layers", "activation_batch", "activation_kv_heads", "activation_length", "activation_head_dim")
 
 
 @flax.struct.dataclass(kw_only=True)
@@ -21,8 +21,9 @@ class KVCache:
     """Attention keys and values of every layer.
 
     Attributes:
-      keys: [L, B, S, K, head_dim], rotated keys.
-      values: [L, B, S, K, head_dim].
+      keys: [L, B, K, S, head_dim], rotated keys (heads before slots: each head's slots
+        are contiguous, so attention reads them as one matrix).
+      values: [L, B, K, S, head_dim].
       key_mask: [B, S] bool, True where a slot holds a real token.
       end_index: [] int32, the next slot to write (equal for all rows).
     """
@@ -36,7 +37,7 @@ class KVCache:
     def init(cls, *, num_layers: int, batch: int, max_length: int, num_kv_heads: int, head_dim: int,
              dtype=jnp.float32) -> "KVCache":
         """An empty cache with room for `max_length` tokens per row."""
-        shape = (num_layers, batch, max_length, num_kv_heads, head_dim)
+        shape = (num_layers, batch, num_kv_heads, max_length, head_dim)
         return cls(
             keys=jnp.zeros(shape, dtype),
             values=jnp.zeros(shape, dtype),
@@ -46,7 +47,7 @@ class KVCache:
 
     @property
     def max_length(self) -> int:
-        return self.keys.shape[2]
+        return self.keys.shape[3]
 
     def write_mask(self, token_mask: jax.Array) -> jax.Array:
         """key_mask after writing a chunk whose valid tokens are `token_mask` [B, T]."""

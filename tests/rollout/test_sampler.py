@@ -142,3 +142,16 @@ def test_greedy_equals_transformers_generate_with_images(tmp_path):
                           _greedy_config(new_tokens), jax.random.key(0),
                           stop_tables=_no_stops(config.text.vocab_size), eos_ids=())
     np.testing.assert_array_equal(traj.tokens, ref)
+
+
+def test_draw_matches_the_distribution_across_blocks_and_never_draws_zero_probability():
+    """A 600-token vocabulary spans three 256-token blocks (the last one padded)."""
+    probs = np.zeros(600, np.float32)
+    probs[[0, 255, 256, 300, 599]] = [0.1, 0.2, 0.3, 0.15, 0.25]
+    tokens = np.asarray(sampler.draw(jax.random.key(0), jnp.broadcast_to(jnp.asarray(probs), (40000, 600))))
+    counts = np.bincount(tokens, minlength=600) / len(tokens)
+    np.testing.assert_allclose(counts, probs, atol=0.01)
+    assert counts[probs == 0].sum() == 0
+    # Uniforms at the very top of the range cannot fall past the support.
+    edge = jnp.asarray([[0.0, 0.5, 0.5, 0.0]], jnp.float32)
+    assert int(sampler.draw(jax.random.key(1), edge, block=2)[0]) in (1, 2)
