@@ -1,4 +1,4 @@
-"""Embedding index directories: resumable build, exact or ScaNN search, checked loading.
+"""Embedding index directories: resumable build, checked loading (searchers in `searchers`).
 
 An index directory holds
 
@@ -25,17 +25,15 @@ import time
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-import scann
 from absl import logging
 from tqdm import tqdm
 
-from rwr_jax.retrieval import document_store
+from rwr_jax.retrieval import document_store, searchers
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 EMBEDDINGS_FILE = "embeddings.npy"
 OFFSETS_FILE = "corpus_offsets.npy"
-SCANN_DIR = "scann"
 CHUNKS_DIR = "embedding_chunks"
 BUILD_STATE_FILE = "build_state.json"
 NORM_TOLERANCE = 1e-3
@@ -54,103 +52,6 @@ class Embedder(Protocol):
 
     def fingerprint(self) -> dict:
         """JSON-serialisable identity: name/path, dim, pooling, normalisation, weights checksum."""
-
-
-def exact_top_k(database: np.ndarray, queries: np.ndarray, k: int,
-                block_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k inner products, scanning `database` in blocks of rows.
-
-    Args:
-      database: [N, D] float32 (may be a memory map).
-      queries: [Q, D] float32.
-      k: 1 <= k <= N.
-      block_rows: rows scored at once (default: a [Q, block] score matrix of ~64M floats).
-
-    Returns:
-      ([Q, k] float32 scores, descending, ties by lower row; [Q, k] int64 rows).
-    """
-    block_rows = block_rows or max(1024, (1 << 26) // max(len(queries), 1))
-    scores, rows = [], []
-    for start in range(0, len(database), block_rows):
-        block = queries @ np.asarray(database[start:start + block_rows], np.float32).T
-        kk = min(k, block.shape[1])
-        top = np.argpartition(block, block.shape[1] - kk, axis=1)[:, -kk:]
-        scores.append(np.take_along_axis(block, top, axis=1))
-        rows.append(top + start)
-    scores, rows = np.concatenate(scores, axis=1), np.concatenate(rows, axis=1)
-    order = np.lexsort((rows, -scores), axis=1)[:, :k]
-    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1).astype(np.int64)
-
-
-class BruteForceSearcher:
-    """Exact search over `[N, D] float32` embeddings (the recall reference)."""
-
-    def __init__(self, embeddings: np.ndarray):
-        self.embeddings = embeddings
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return exact_top_k(self.embeddings, queries, k)
-
-    def save(self, index_dir: str) -> None:
-        """Nothing beyond `embeddings.npy`."""
-
-
-def scann_params(num_rows: int, normalized: bool) -> dict:
-    """ScaNN tree + AH + reorder parameters scaled with the corpus size.
-
-    At 1M rows: 2,000 leaves (2 sqrt(N), and at least 100 rows a leaf), 100 searched (5 %,
-    at least 10), a 250k training sample, AH with 2 dims per block (anisotropic threshold
-    0.2 for normalised embeddings, off otherwise) and exact reordering of the best 100.
-    """
-    num_leaves = min(round(2 * num_rows ** 0.5), num_rows // 100)
-    return {"num_leaves": num_leaves, "num_leaves_to_search": max(round(0.05 * num_leaves), min(num_leaves, 10)),
-            "training_sample_size": min(num_rows, 250_000), "dims_per_block": 2,
-            "anisotropic_quantization_threshold": 0.2 if normalized else None, "reorder": 100}
-
-
-class ScannSearcher:
-    """Approximate search with a ScaNN searcher built with `scann_params`."""
-
-    def __init__(self, searcher, params: dict):
-        self.searcher, self.params = searcher, params
-
-    @classmethod
-    def build(cls, embeddings: np.ndarray, params: dict) -> "ScannSearcher":
-        threshold = params["anisotropic_quantization_threshold"]
-        builder = scann.scann_ops_pybind.builder(np.ascontiguousarray(embeddings, np.float32), 10, "dot_product")
-        if params["num_leaves"] >= 2:
-            builder = builder.tree(num_leaves=params["num_leaves"],
-                                   num_leaves_to_search=params["num_leaves_to_search"],
-                                   training_sample_size=params["training_sample_size"])
-        builder = builder.score_ah(params["dims_per_block"], anisotropic_quantization_threshold=(
-            float("nan") if threshold is None else threshold))
-        return cls(builder.reorder(params["reorder"]).build(), params)
-
-    def search(self, queries: np.ndarray, k: int, leaves_to_search: int | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """Like `exact_top_k`, approximately; `leaves_to_search` overrides the built-in value."""
-        threads, reorder = os.cpu_count() or 1, max(k, self.params["reorder"])
-        if len(queries) < 2 * threads:  # too few to split across threads: skip the thread pool
-            rows, scores = self.searcher.search_batched(queries, k, reorder, leaves_to_search)
-        else:  # one slice of queries per thread
-            rows, scores = self.searcher.search_batched_parallel(queries, k, reorder, leaves_to_search,
-                                                                 batch_size=-(-len(queries) // threads))
-        found = np.isfinite(scores)  # ScaNN pads with (row 0, nan) when it finds fewer than k
-        return np.where(found, scores, -np.inf).astype(np.float32), np.where(found, rows.astype(np.int64), -1)
-
-    def save(self, index_dir: str) -> None:
-        os.makedirs(os.path.join(index_dir, SCANN_DIR), exist_ok=True)
-        self.searcher.serialize(os.path.join(index_dir, SCANN_DIR), relative_path=True)
-
-    @classmethod
-    def load(cls, index_dir: str, params: dict) -> "ScannSearcher":
-        path = os.path.join(index_dir, SCANN_DIR, "scann_assets.pbtxt")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: the ScaNN searcher of {index_dir} is missing")
-        return cls(scann.scann_ops_pybind.load_searcher(os.path.dirname(path)), params)
-
-
-Searcher = BruteForceSearcher | ScannSearcher
 
 
 def _load_embeddings(index_dir: str, shape: list[int] | None = None) -> np.ndarray:
@@ -210,7 +111,7 @@ class Index:
     """A loaded index: its manifest and searcher."""
     index_dir: str
     manifest: dict
-    searcher: Searcher
+    searcher: searchers.Searcher
 
     @property
     def num_rows(self) -> int:
@@ -251,7 +152,7 @@ def _reset_if_stale(index_dir: str, state: dict) -> None:
         _diff("build", previous, state, diffs)
         logging.warning("%s: discarding a partial build (%s)", index_dir, "; ".join(diffs))
     shutil.rmtree(os.path.join(index_dir, CHUNKS_DIR), ignore_errors=True)
-    shutil.rmtree(os.path.join(index_dir, SCANN_DIR), ignore_errors=True)
+    shutil.rmtree(os.path.join(index_dir, searchers.SCANN_DIR), ignore_errors=True)
     if os.path.exists(os.path.join(index_dir, EMBEDDINGS_FILE)):
         os.remove(os.path.join(index_dir, EMBEDDINGS_FILE))
     _write_json(path, state)
@@ -349,12 +250,12 @@ def build_index(index_dir: str, store: document_store.DocumentStore, embedder: E
     embeddings = _load_embeddings(index_dir)
     kind = searcher if searcher != "auto" else ("scann" if len(store) >= scann_min_rows else "brute_force")
     if kind == "scann":
-        searcher_config = {"type": kind, "params": scann_params(len(store), normalized)}
-        built = ScannSearcher.build(embeddings, searcher_config["params"])
+        searcher_config = {"type": kind, "params": searchers.scann_params(len(store), normalized)}
+        built = searchers.ScannSearcher.build(embeddings, searcher_config["params"])
         built.save(index_dir)
     else:
         searcher_config = {"type": kind}
-        built = BruteForceSearcher(embeddings)
+        built = searchers.BruteForceSearcher(embeddings)
     if os.path.abspath(store.offsets_path) != os.path.abspath(os.path.join(index_dir, OFFSETS_FILE)):
         shutil.copyfile(store.offsets_path, os.path.join(index_dir, OFFSETS_FILE))
     manifest = {"format_version": FORMAT_VERSION, "encoder": fingerprint, "dim": int(embeddings.shape[1]),
@@ -389,7 +290,7 @@ def load_index(index_dir: str, embedder: Embedder, store: document_store.Documen
     check_manifest(manifest, os.path.join(index_dir, MANIFEST_FILE), embedder.fingerprint(), store.checksum,
                    len(store))
     if manifest["searcher"]["type"] == "scann":
-        searcher = ScannSearcher.load(index_dir, manifest["searcher"]["params"])
+        searcher = searchers.ScannSearcher.load(index_dir, manifest["searcher"]["params"])
     else:
-        searcher = BruteForceSearcher(_load_embeddings(index_dir, manifest["embeddings"]["shape"]))
+        searcher = searchers.BruteForceSearcher(_load_embeddings(index_dir, manifest["embeddings"]["shape"]))
     return Index(index_dir, manifest, searcher)

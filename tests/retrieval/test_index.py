@@ -1,4 +1,4 @@
-"""Tests for rwr_jax.retrieval.index: exact and ScaNN search, manifest checks, resumable builds."""
+"""Tests for rwr_jax.retrieval.index: build, save and load with either searcher, manifest checks, resumable builds."""
 
 import hashlib
 import json
@@ -54,31 +54,11 @@ def write_corpus(path, num_passages, seed=0):
     return str(path)
 
 
-def clustered(num, dim, num_centres, seed):
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((num_centres, dim)).astype(np.float32)
-    x = centres[rng.integers(0, num_centres, num)] + 0.3 * rng.standard_normal((num, dim)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
 def _build(tmp_path, num_passages=40, embedder=None, **kwargs):
     os.makedirs(tmp_path, exist_ok=True)
     store = document_store.DocumentStore(write_corpus(tmp_path / "corpus.jsonl", num_passages))
     embedder = embedder or HashEmbedder()
     return index_lib.build_index(str(tmp_path / "index"), store, embedder, **kwargs), store, embedder
-
-
-@pytest.mark.parametrize("k, block_rows", [(5, 128), (5, 1 << 18), (1000, 300)])
-def test_exact_top_k_matches_numpy(k, block_rows):
-    rng = np.random.default_rng(1)
-    database = rng.standard_normal((1000, 16)).astype(np.float32)
-    queries = rng.standard_normal((7, 16)).astype(np.float32)
-    scores, rows = index_lib.exact_top_k(database, queries, k, block_rows=block_rows)
-    reference = queries @ database.T
-    expected_rows = np.argsort(-reference, axis=1, kind="stable")[:, :k]
-    np.testing.assert_array_equal(rows, expected_rows)
-    np.testing.assert_allclose(scores, np.take_along_axis(reference, expected_rows, 1), rtol=1e-5, atol=1e-5)
-    assert rows.dtype == np.int64 and scores.dtype == np.float32
 
 
 def test_brute_force_build_search_and_load(tmp_path):
@@ -98,25 +78,6 @@ def test_brute_force_build_search_and_load(tmp_path):
     np.testing.assert_allclose(scores, reference, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"query embeddings must be \[Q, 64\], got \(3, 32\)"):
         loaded.search(queries[:, :32], 4)
-
-
-def test_scann_recall_on_small_clustered_set():
-    database = clustered(20_000, 32, 200, seed=0)
-    queries = clustered(20_200, 32, 200, seed=0)[20_000:]  # same centres, held-out points
-    params = index_lib.scann_params(20_000, normalized=True)
-    assert params["num_leaves"] == 200 and params["num_leaves_to_search"] == 10
-    searcher = index_lib.ScannSearcher.build(database, params)
-    _, rows = searcher.search(queries, 10)
-    _, exact = index_lib.exact_top_k(database, queries, 10)
-    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, exact)])
-    assert recall >= 0.9, recall
-
-
-def test_scann_params_scale_with_corpus():
-    params = index_lib.scann_params(1_000_000, normalized=True)
-    assert (params["num_leaves"], params["num_leaves_to_search"], params["training_sample_size"]) == (2000, 100,
-                                                                                                       250_000)
-    assert index_lib.scann_params(1_000_000, normalized=False)["anisotropic_quantization_threshold"] is None
 
 
 def test_scann_index_build_save_load(tmp_path):
