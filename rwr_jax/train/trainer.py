@@ -19,10 +19,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from rwr_jax import config_lib, registry
-from rwr_jax.data import chat_template, demo as demo_data, records, tokenizer as tokenizer_lib
+from rwr_jax.data import demo as demo_data, records, tokenizer as tokenizer_lib
 from rwr_jax.data.pipeline import PipelineConfig, PromptPipeline
 from rwr_jax.models.clip import demo as clip_demo
 from rwr_jax.models.qwen2_vl import convert

