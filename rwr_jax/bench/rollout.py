@@ -92,18 +92,6 @@ def matmul_bandwidth(width: int, vocab: int, repeats: int = 50) -> tuple[float, 
     return w.nbytes / seconds / 1e9, 2 * BATCH * width * vocab / seconds / 1e9
 
 
-def initial_state(s: Setup, cache, logits, next_position: np.ndarray, capacity: int, key) -> sampler.DecodeState:
-    """A DecodeState after a prefill, laid out as `engine.rollout` builds it."""
-    batch = next_position.shape[0]
-    return sampler.DecodeState(
-        cache=cache, logits=logits, tokens=jnp.zeros((batch, capacity), jnp.int32),
-        source=jnp.zeros((batch, capacity), jnp.int8), logprobs=jnp.zeros((batch, capacity), jnp.float32),
-        length=jnp.zeros((batch,), jnp.int32), next_position=jnp.asarray(next_position, jnp.int32),
-        active=jnp.ones((batch,), bool), round_tokens=jnp.zeros((batch,), jnp.int32),
-        stop_reason=jnp.zeros((batch,), jnp.int32), stop_tail=stop_strings.initial_tail(batch, s.tables),
-        key=jax.random.fold_in(key, 0))  # a copy: decode_round donates the state, key included
-
-
 def prefill_and_decode(s: Setup, tokens: np.ndarray, token_mask: np.ndarray, budget: int, cache_length: int,
                        capacity: int, key, clock: Phases) -> sampler.DecodeState:
     """Prefills left-padded rows into a `cache_length` cache, then decodes one round of `budget` tokens."""
@@ -112,7 +100,9 @@ def prefill_and_decode(s: Setup, tokens: np.ndarray, token_mask: np.ndarray, bud
     cache, logits = engine.prefill_group(s.model, s.params, jnp.asarray(tokens), jnp.asarray(token_mask),
                                          jnp.asarray(positions), None, group_size=1, cache_length=cache_length)
     clock.mark("prefill", logits)
-    state = initial_state(s, cache, logits, token_mask.sum(axis=1), capacity, key)
+    # A copy of the key: decode_round donates the state, key included.
+    state = sampler.DecodeState.start(cache, logits, token_mask.sum(axis=1), capacity, s.tables,
+                                      jax.random.fold_in(key, 0))
     clock.mark("host")
     state = sampler.decode_round(s.model, s.params, state, s.tables, sampling=sampler.SamplingConfig(), eos_ids=(),
                                  round_budget=budget)

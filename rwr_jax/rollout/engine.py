@@ -206,12 +206,7 @@ def rollout(model, params, prompts: PromptBatch, tokenizer, retrieve: Retrieve, 
     next_position = np.repeat(np.where(prompts.token_mask, text_positions, -1).max(axis=1) + 1, g)
     batch = num_prompts * g
     tables = jax.tree_util.tree_map(jnp.asarray, stop_tables)
-    state = sampler.DecodeState(
-        cache=cache, logits=logits, tokens=jnp.zeros((batch, capacity), jnp.int32),
-        source=jnp.zeros((batch, capacity), jnp.int8), logprobs=jnp.zeros((batch, capacity), jnp.float32),
-        length=jnp.zeros((batch,), jnp.int32), next_position=jnp.asarray(next_position, jnp.int32),
-        active=jnp.ones((batch,), bool), round_tokens=jnp.zeros((batch,), jnp.int32),
-        stop_reason=jnp.zeros((batch,), jnp.int32), stop_tail=stop_strings.initial_tail(batch, tables), key=key)
+    state = sampler.DecodeState.start(cache, logits, next_position, capacity, tables, key)
     finish = np.zeros((batch,), np.int32)
     rounds = np.zeros((batch,), np.int32)
     queries: list[list[str]] = [[] for _ in range(batch)]

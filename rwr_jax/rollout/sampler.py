@@ -144,6 +144,27 @@ class DecodeState:
     stop_tail: jax.Array
     key: jax.Array
 
+    @classmethod
+    def start(cls, cache: KVCache, logits: jax.Array, next_position, capacity: int,
+              tables: stop_strings.StopTables, key: jax.Array) -> "DecodeState":
+        """The state after a prefill: every row active, empty completions of `capacity` slots.
+
+        Args:
+          cache: the prefilled cache.
+          logits: [B, V] last-token logits of the prompts.
+          next_position: [B] int, each row's next text position.
+          capacity: C, completion slots per row.
+          tables: stop-string tables (device arrays).
+          key: PRNG key (donated with the state by `decode_round`).
+        """
+        batch = logits.shape[0]
+        return cls(
+            cache=cache, logits=logits, tokens=jnp.zeros((batch, capacity), jnp.int32),
+            source=jnp.zeros((batch, capacity), jnp.int8), logprobs=jnp.zeros((batch, capacity), jnp.float32),
+            length=jnp.zeros((batch,), jnp.int32), next_position=jnp.asarray(next_position, jnp.int32),
+            active=jnp.ones((batch,), bool), round_tokens=jnp.zeros((batch,), jnp.int32),
+            stop_reason=jnp.zeros((batch,), jnp.int32), stop_tail=stop_strings.initial_tail(batch, tables), key=key)
+
 
 def _positions_for(model, next_position: jax.Array) -> jax.Array:
     """[B] text positions -> the model's position layout ([B] or [3, B])."""
