@@ -28,7 +28,6 @@ DEFAULT_RULES: Rules = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("vocab", "tensor"),
-    ("layers", None),
     ("qkv", None),
     ("patch", None),
     ("activation_batch", ("data", "fsdp")),

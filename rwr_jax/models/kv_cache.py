@@ -12,8 +12,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-# Logical axis names of `keys`/`values`, for the sharding rules.
-CACHE_AXES = ("layers", "activation_batch", "activation_kv_heads", "activation_length", "activation_head_dim")
+# Logical axis names of each layer's keys / values, for the sharding rules.
+CACHE_AXES = ("activation_batch", "activation_kv_heads", "activation_length", "activation_head_dim")
 
 
 @flax.struct.dataclass(kw_only=True)
@@ -21,15 +21,18 @@ class KVCache:
     """Attention keys and values of every layer.
 
     Attributes:
-      keys: [L, B, K, S, head_dim], rotated keys (heads before slots: each head's slots
-        are contiguous, so attention reads them as one matrix).
-      values: [L, B, K, S, head_dim].
+      keys: L arrays [B, K, S, head_dim], one per layer, rotated keys (heads before
+        slots: each head's slots are contiguous, so attention reads them as one matrix).
+        One buffer per layer, not one stacked [L, ...] array: a layer updates its own
+        buffer in place and attention reads it directly (a slice of a stacked cache
+        is a copy of the layer's whole cache on every decode step).
+      values: L arrays [B, K, S, head_dim].
       key_mask: [B, S] bool, True where a slot holds a real token.
       end_index: [] int32, the next slot to write (equal for all rows).
     """
 
-    keys: jax.Array
-    values: jax.Array
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
     key_mask: jax.Array
     end_index: jax.Array
 
@@ -37,17 +40,17 @@ class KVCache:
     def init(cls, *, num_layers: int, batch: int, max_length: int, num_kv_heads: int, head_dim: int,
              dtype=jnp.float32) -> "KVCache":
         """An empty cache with room for `max_length` tokens per row."""
-        shape = (num_layers, batch, num_kv_heads, max_length, head_dim)
+        shape = (batch, num_kv_heads, max_length, head_dim)
         return cls(
-            keys=jnp.zeros(shape, dtype),
-            values=jnp.zeros(shape, dtype),
+            keys=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+            values=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
             key_mask=jnp.zeros((batch, max_length), bool),
             end_index=jnp.zeros((), jnp.int32),
         )
 
     @property
     def max_length(self) -> int:
-        return self.keys.shape[3]
+        return self.key_mask.shape[1]
 
     def write_mask(self, token_mask: jax.Array) -> jax.Array:
         """key_mask after writing a chunk whose valid tokens are `token_mask` [B, T]."""

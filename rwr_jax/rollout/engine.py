@@ -129,8 +129,8 @@ def prefill_group(model, params, tokens, token_mask, positions, images, *, group
     kwargs = {} if images is None else {"images": images}
     logits, cache = model.apply({"params": params}, tokens, positions, token_mask, cache, **kwargs)
     repeat = functools.partial(jnp.repeat, repeats=group_size, axis=0)
-    cache = cache.replace(keys=jnp.repeat(cache.keys, group_size, axis=1),
-                          values=jnp.repeat(cache.values, group_size, axis=1), key_mask=repeat(cache.key_mask))
+    cache = cache.replace(keys=tuple(map(repeat, cache.keys)), values=tuple(map(repeat, cache.values)),
+                          key_mask=repeat(cache.key_mask))
     return cache, repeat(logits[:, -1].astype(jnp.float32))
 
 

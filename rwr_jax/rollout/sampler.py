@@ -46,12 +46,12 @@ class SamplingConfig:
             raise ValueError(f"sampling.top_k must be >= 0, got {self.top_k}")
 
 
-def sample_tokens(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+def sample_tokens(logits: jax.Array, uniform: jax.Array, config: SamplingConfig) -> tuple[jax.Array, jax.Array]:
     """Draws one token per row.
 
     Args:
       logits: [B, V] float.
-      key: PRNG key.
+      uniform: [B] float32 uniform draws in [0, 1), one per row (unused when greedy).
       config: sampling settings (static).
 
     Returns:
@@ -61,20 +61,23 @@ def sample_tokens(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> 
     """
     logits = logits.astype(jnp.float32)
     if config.temperature == 0:
-        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         logprobs = jax.nn.log_softmax(logits, axis=-1)
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     else:
-        scaled = logits / config.temperature
-        logprobs = jax.nn.log_softmax(scaled, axis=-1)
-        tokens = draw(key, jax.nn.softmax(_restrict(scaled, config), axis=-1))
+        logprobs = jax.nn.log_softmax(logits / config.temperature, axis=-1)
+        if config.top_k or config.top_p < 1:
+            probs = jax.nn.softmax(_restrict(logprobs, config), axis=-1)
+        else:
+            probs = jnp.exp(logprobs)
+        tokens = draw(uniform, probs)
     return tokens, jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
 
 
-def draw(key: jax.Array, probs: jax.Array, block: int = 256) -> jax.Array:
-    """Inverse-CDF sampling, one uniform per row: [B, V] probabilities -> [B] int32 tokens.
+def draw(uniform: jax.Array, probs: jax.Array, block: int = 256) -> jax.Array:
+    """Inverse-CDF sampling: [B] uniforms in [0, 1) and [B, V] probabilities -> [B] int32 tokens.
 
     Two levels (a block of `block` tokens, then a token inside it) keep both prefix sums
-    short; compared with Gumbel-max (`jax.random.categorical`) this draws B random numbers
+    short; compared with Gumbel-max (`jax.random.categorical`) this needs B random numbers
     instead of B x V, which was most of a decode step's sampling time on CPU. A token of
     probability 0 is never drawn, whatever the rounding of the prefix sums.
     """
@@ -82,7 +85,7 @@ def draw(key: jax.Array, probs: jax.Array, block: int = 256) -> jax.Array:
     blocks = jnp.pad(probs, ((0, 0), (0, -vocab % block))).reshape(batch, -1, block)  # [B, V / block, block]
     block_mass = blocks.sum(axis=-1)
     block_cdf = jnp.cumsum(block_mass, axis=-1)
-    u = jax.random.uniform(key, (batch, 1), probs.dtype) * block_cdf[:, -1:]
+    u = uniform.astype(probs.dtype)[:, None] * block_cdf[:, -1:]
     chosen = _first_above(block_cdf, block_mass, u)  # [B]
     in_block = jnp.take_along_axis(blocks, chosen[:, None, None], axis=1)[:, 0]  # [B, block]
     below = jnp.take_along_axis(block_cdf - block_mass, chosen[:, None], axis=1)
@@ -174,10 +177,9 @@ def _positions_for(model, next_position: jax.Array) -> jax.Array:
 
 
 def _step(model, params, sampling: SamplingConfig, tables: stop_strings.StopTables, eos_ids: tuple[int, ...],
-          round_budget: int, state: DecodeState) -> DecodeState:
-    """Samples one token per row, records it, applies stop rules, and feeds it back."""
-    key, sample_key = jax.random.split(state.key)
-    token, logprob = sample_tokens(state.logits, sample_key, sampling)
+          round_budget: int, uniform: jax.Array, state: DecodeState) -> DecodeState:
+    """Samples one token per row (with `uniform` [B]), records it, applies stop rules, and feeds it back."""
+    token, logprob = sample_tokens(state.logits, uniform, sampling)
     rows = jnp.arange(token.shape[0])
     active = state.active
     capacity = state.tokens.shape[1]
@@ -204,12 +206,10 @@ def _step(model, params, sampling: SamplingConfig, tables: stop_strings.StopTabl
         cache=cache, logits=jnp.where(still_active[:, None], logits[:, 0].astype(jnp.float32), state.logits),
         tokens=tokens, source=source, logprobs=logprobs, length=length,
         next_position=state.next_position + still_active, active=still_active, round_tokens=round_tokens,
-        stop_reason=jnp.where(stop, reason, state.stop_reason), stop_tail=tail, key=key)
+        stop_reason=jnp.where(stop, reason, state.stop_reason), stop_tail=tail)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "sampling", "eos_ids", "round_budget"),
-                   donate_argnames=("state",))
-def decode_round(model, params, state: DecodeState, tables: stop_strings.StopTables, *, sampling: SamplingConfig,
+def _decode_round(model, params, state: DecodeState, tables: stop_strings.StopTables, *, sampling: SamplingConfig,
                  eos_ids: tuple[int, ...], round_budget: int) -> DecodeState:
     """Generates until every active row has stopped (or the cache is full).
 
@@ -225,12 +225,50 @@ def decode_round(model, params, state: DecodeState, tables: stop_strings.StopTab
     Returns:
       The state with every row inactive; `stop_reason` says why each stopped.
     """
+    # A round takes at most round_budget steps (active rows all start it at 0 tokens);
+    # its uniforms are drawn up front, so the loop body holds no random-number kernels.
+    key, round_key = jax.random.split(state.key)
+    uniforms = jax.random.uniform(round_key, (round_budget, state.active.shape[0]), jnp.float32)
     step = functools.partial(_step, model, params, sampling, tables, eos_ids, round_budget)
 
-    def keep_going(state):
+    def keep_going(carry):
+        _, state = carry
         return jnp.any(state.active) & (state.cache.end_index < state.cache.max_length)
 
-    state = jax.lax.while_loop(keep_going, step, state)
+    def body(carry):
+        index, state = carry
+        return index + 1, step(uniforms[index], state)
+
+    _, state = jax.lax.while_loop(keep_going, body, (jnp.zeros((), jnp.int32), state.replace(key=key)))
     # Rows still active here ran out of cache: a total-budget stop.
     return state.replace(stop_reason=jnp.where(state.active, STOP_TOTAL_BUDGET, state.stop_reason),
                          active=jnp.zeros_like(state.active))
+
+
+# XLA:CPU runs dots either as YNNPACK kernels (its default) or as Eigen matmuls. A decode
+# step multiplies a few rows by every weight matrix: with megabyte weights Eigen streams
+# them at about twice YNNPACK's bandwidth (8.6 vs 4.6 GB/s for [16, 512] x [512, 32000]
+# on the 2-core development machine), while for tiny weights YNNPACK's lower per-call
+# cost wins (0.45 vs 0.8 ms per step of the benchmarks' tiny model). Other backends
+# ignore the option.
+EIGEN_DOT_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+EIGEN_DOTS_MIN_WEIGHT_BYTES = 1 << 20
+_DECODE_ROUND = {
+    use_eigen: jax.jit(_decode_round, static_argnames=("model", "sampling", "eos_ids", "round_budget"),
+                       donate_argnames=("state",), compiler_options=EIGEN_DOT_OPTIONS if use_eigen else None)
+    for use_eigen in (False, True)}
+
+
+def decode_with_eigen_dots(config) -> bool:
+    """Whether a decode step of a model with this DecoderConfig compiles its dots for Eigen
+    (MLP weight matrix >= EIGEN_DOTS_MIN_WEIGHT_BYTES) rather than for YNNPACK."""
+    return config.hidden_size * config.intermediate_size * jnp.dtype(config.jnp_param_dtype).itemsize \
+        >= EIGEN_DOTS_MIN_WEIGHT_BYTES
+
+
+def decode_round(model, params, state: DecodeState, tables: stop_strings.StopTables, *, sampling: SamplingConfig,
+                 eos_ids: tuple[int, ...], round_budget: int) -> DecodeState:
+    """Generates until every active row has stopped (or the cache is full): `_decode_round`,
+    jitted with the dot library that suits the model's size (see `decode_with_eigen_dots`)."""
+    return _DECODE_ROUND[decode_with_eigen_dots(model.config)](
+        model, params, state, tables, sampling=sampling, eos_ids=eos_ids, round_budget=round_budget)

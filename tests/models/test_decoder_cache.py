@@ -81,7 +81,7 @@ def test_bf16_cache_runs_and_stays_close():
     bf16 = DecoderLM(config.replace(dtype="bfloat16", param_dtype="bfloat16"))
     params16 = jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), params)
     cache = init_cache(bf16.config, batch=tokens.shape[0], max_length=16)
-    assert cache.keys.dtype == jnp.bfloat16
+    assert {k.dtype for k in cache.keys + cache.values} == {jnp.dtype(jnp.bfloat16)}
     logits, cache = inference.prefill(bf16, params16, tokens, mask, positions, cache)
     rel = float(np.max(np.abs(np.asarray(logits, np.float32) - np.asarray(full))[np.asarray(mask)]))
     rel /= float(np.abs(np.asarray(full)).max())

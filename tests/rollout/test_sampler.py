@@ -15,9 +15,13 @@ from tests.models import hf_models
 torch = hf_models.torch
 
 
+def _uniforms(seed: int, rows: int) -> jax.Array:
+    return jax.random.uniform(jax.random.key(seed), (rows,))
+
+
 def test_greedy_takes_argmax_and_reports_logprob():
     logits = jnp.asarray([[0.0, 2.0, 1.0], [3.0, -1.0, 0.0]])
-    tokens, logprobs = sampler.sample_tokens(logits, jax.random.key(0), sampler.SamplingConfig(temperature=0))
+    tokens, logprobs = sampler.sample_tokens(logits, jnp.zeros(2), sampler.SamplingConfig(temperature=0))
     assert tokens.tolist() == [1, 0]
     np.testing.assert_allclose(logprobs, jax.nn.log_softmax(logits)[jnp.arange(2), tokens], rtol=1e-6)
 
@@ -30,7 +34,7 @@ def test_greedy_takes_argmax_and_reports_logprob():
 def test_top_k_and_top_p_restrict_support(config, allowed):
     probs = np.asarray([0.5, 0.3, 0.15, 0.05])
     logits = jnp.broadcast_to(jnp.log(jnp.asarray(probs)), (4000, 4))
-    tokens, logprobs = sampler.sample_tokens(logits, jax.random.key(1), config)
+    tokens, logprobs = sampler.sample_tokens(logits, _uniforms(1, 4000), config)
     assert set(np.asarray(tokens).tolist()) == allowed
     # Logprobs are those of the full tempered distribution, not the truncated one.
     np.testing.assert_allclose(logprobs, np.log(probs)[np.asarray(tokens)], rtol=1e-5)
@@ -39,7 +43,7 @@ def test_top_k_and_top_p_restrict_support(config, allowed):
 def test_temperature_one_matches_the_distribution():
     probs = np.asarray([0.6, 0.3, 0.1])
     logits = jnp.broadcast_to(jnp.log(jnp.asarray(probs)), (20000, 3))
-    tokens, _ = sampler.sample_tokens(logits, jax.random.key(2), sampler.SamplingConfig())
+    tokens, _ = sampler.sample_tokens(logits, _uniforms(2, 20000), sampler.SamplingConfig())
     np.testing.assert_allclose(np.bincount(np.asarray(tokens), minlength=3) / 20000, probs, atol=0.015)
 
 
@@ -89,7 +93,10 @@ def _greedy_config(new_tokens):
                                 group_size=1, sampling=sampler.SamplingConfig(temperature=0))
 
 
-def test_greedy_equals_transformers_generate_text(tmp_path):
+@pytest.mark.parametrize("eigen_dots", [False, True], ids=["ynnpack_dots", "eigen_dots"])
+def test_greedy_equals_transformers_generate_text(tmp_path, monkeypatch, eigen_dots):
+    """Both of XLA:CPU's dot libraries (chosen by model size, see `sampler.decode_with_eigen_dots`)."""
+    monkeypatch.setattr(sampler, "EIGEN_DOTS_MIN_WEIGHT_BYTES", 0 if eigen_dots else 1 << 62)
     hf = hf_models.make_causal_lm("qwen2_bias")
     hf.save_pretrained(tmp_path)
     config, _ = read_hf_config(str(tmp_path))
@@ -105,6 +112,7 @@ def test_greedy_equals_transformers_generate_text(tmp_path):
     traj = engine.rollout(convert.build_model(config), params, prompts, None, _never_called,
                           _greedy_config(new_tokens), jax.random.key(0), stop_tables=_no_stops(config.vocab_size),
                           eos_ids=())
+    assert sampler.decode_with_eigen_dots(config) == eigen_dots
     np.testing.assert_array_equal(traj.tokens, ref)
 
 
@@ -148,10 +156,11 @@ def test_draw_matches_the_distribution_across_blocks_and_never_draws_zero_probab
     """A 600-token vocabulary spans three 256-token blocks (the last one padded)."""
     probs = np.zeros(600, np.float32)
     probs[[0, 255, 256, 300, 599]] = [0.1, 0.2, 0.3, 0.15, 0.25]
-    tokens = np.asarray(sampler.draw(jax.random.key(0), jnp.broadcast_to(jnp.asarray(probs), (40000, 600))))
+    tokens = np.asarray(sampler.draw(_uniforms(0, 40000), jnp.broadcast_to(jnp.asarray(probs), (40000, 600))))
     counts = np.bincount(tokens, minlength=600) / len(tokens)
     np.testing.assert_allclose(counts, probs, atol=0.01)
     assert counts[probs == 0].sum() == 0
-    # Uniforms at the very top of the range cannot fall past the support.
-    edge = jnp.asarray([[0.0, 0.5, 0.5, 0.0]], jnp.float32)
-    assert int(sampler.draw(jax.random.key(1), edge, block=2)[0]) in (1, 2)
+    # Uniforms at either end of the range cannot fall outside the support.
+    edge = jnp.asarray([[0.0, 0.5, 0.5, 0.0]] * 2, jnp.float32)
+    extremes = jnp.asarray([0.0, np.nextafter(np.float32(1), np.float32(0))])
+    assert np.asarray(sampler.draw(extremes, edge, block=2)).tolist() == [1, 2]

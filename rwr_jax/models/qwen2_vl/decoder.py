@@ -23,7 +23,6 @@ class Attention(nn.Module):
     """Grouped-query self-attention with rotary embeddings and an optional KV cache."""
 
     config: DecoderConfig
-    layer_index: int = 0  # this layer's slice of a stacked KV cache
 
     def _proj(self, heads: int, head_axis: str, name: str) -> Projection:
         c = self.config
@@ -40,9 +39,8 @@ class Attention(nn.Module):
           x: [B, T, D] normed hidden states.
           cos, sin: [B, T, head_dim] rotary tables.
           mask: [B, T, S] bool; S = T without a cache, else the cache length.
-          kv: optional (keys, values) of ALL layers, each [L, B, K, S, head_dim]; this
-            layer's slice (`layer_index`) is updated in place, so a decode step writes
-            T slots instead of copying the cache.
+          kv: optional (keys, values) of this layer's cache, each [B, K, S, head_dim];
+            the chunk's T slots are written in place (a decode step does not copy it).
           end_index: [] int32, slot where this chunk is written (with kv).
 
         Returns:
@@ -55,11 +53,10 @@ class Attention(nn.Module):
         q = rope.apply_rope(q, cos, sin)
         k = rope.apply_rope(k, cos, sin)
         if kv is not None:
-            start = (self.layer_index, 0, 0, end_index, 0)
-            kv = tuple(jax.lax.dynamic_update_slice(c, new.transpose(0, 2, 1, 3)[None].astype(c.dtype), start)
+            kv = tuple(jax.lax.dynamic_update_slice(c, new.transpose(0, 2, 1, 3).astype(c.dtype), (0, 0, end_index, 0))
                        for c, new in zip(kv, (k, v)))
             # [B, K, S, hd] -> the kernels' [B, S, K, hd] (the "xla" kernel transposes back: no copy).
-            k, v = (c[self.layer_index].transpose(0, 2, 1, 3).astype(q.dtype) for c in kv)
+            k, v = (c.transpose(0, 2, 1, 3).astype(q.dtype) for c in kv)
         out = attention.attend(q, k, v, mask, scale=c.head_dim ** -0.5, kernel=c.attention_kernel)
         out = nn.with_logical_constraint(
             out, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
@@ -95,7 +92,6 @@ class DecoderLayer(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     config: DecoderConfig
-    layer_index: int = 0
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, kv=None, end_index=None):
@@ -103,7 +99,7 @@ class DecoderLayer(nn.Module):
         c = self.config
         norm = functools.partial(RMSNorm, eps=c.rms_norm_eps, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype)
         x = nn.with_logical_constraint(x, _ACTIVATION)
-        attn_out, kv = Attention(c, self.layer_index, name="self_attn")(norm(name="input_layernorm")(x), cos, sin, mask, kv,
+        attn_out, kv = Attention(c, name="self_attn")(norm(name="input_layernorm")(x), cos, sin, mask, kv,
                                                       end_index)
         x = x + attn_out
         x = x + MLP(c, name="mlp")(norm(name="post_attention_layernorm")(x))
@@ -128,7 +124,7 @@ class TextModel(nn.Module):
             c.vocab_size, c.hidden_size, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype,
             embedding_init=logical_init(DEFAULT_INIT, ("vocab", "embed")))
         layer = _layer_class(c.remat_policy)
-        self.layers = [layer(c, i) for i in range(c.num_layers)]  # named layers_0, layers_1, ...
+        self.layers = [layer(c) for _ in range(c.num_layers)]  # named layers_0, layers_1, ...
         self.norm = RMSNorm(c.rms_norm_eps, c.jnp_dtype, c.jnp_param_dtype)
 
     def __call__(self, embeds, positions, mask, cache=None):
@@ -146,11 +142,13 @@ class TextModel(nn.Module):
         c = self.config
         cos, sin = rope.rope_cos_sin(positions, c.head_dim, c.rope_theta, c.mrope_section)
         x = embeds
-        kv = None if cache is None else (cache.keys, cache.values)
-        for layer in self.layers:
+        layer_caches = [None] * len(self.layers) if cache is None else zip(cache.keys, cache.values)
+        updated = []
+        for layer, kv in zip(self.layers, layer_caches):
             x, kv = layer(x, cos, sin, mask, kv, None if cache is None else cache.end_index)
+            updated.append(kv)
         if cache is not None:
-            cache = cache.replace(keys=kv[0], values=kv[1])
+            cache = cache.replace(keys=tuple(k for k, _ in updated), values=tuple(v for _, v in updated))
         return self.norm(x), cache
 
 
