@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from rwr_jax.bench import common
+from rwr_jax.bench import common, train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,3 +33,13 @@ def test_launcher_rejects_unknown_names_and_shapes():
         out = subprocess.run([sys.executable, os.path.join(REPO, "launch", "bench.py"), *args],
                              capture_output=True, text=True, check=False)
         assert out.returncode != 0 and message in out.stderr, out.stderr
+
+
+def test_train_step_batch_is_grouped_like_grpo():
+    rows = train_step.trajectories(vocab_size=100)
+    prompt = train_step.PROMPT_LENGTH
+    for name in ("tokens", "token_mask", "positions"):
+        grouped = rows[name][:, :prompt].reshape(-1, train_step.GROUP, prompt)
+        assert (grouped == grouped[:, :1]).all(), name
+    assert rows["token_mask"][:, :prompt].all(axis=1).any() and not rows["token_mask"][:, :prompt].all()
+    assert rows["loss_mask"].sum(axis=1).min() >= train_step.COMPLETION_LENGTH // 2

@@ -4,16 +4,19 @@ r"""train_step benchmark: one GRPO update, ours vs a PyTorch reference update (B
 
 Ours: the jitted `rwr_jax.train.step.train_step` (policy log-probs with entropies,
 reference log-probs, "dapo" loss with k3 KL at beta 0.001 and clip 0.2 as in
-configs/common.py, gradients, AdamW + global-norm clip 1.0 from `make_optimizer`).
+configs/common.py, gradients, AdamW + global-norm clip 1.0 from `make_optimizer`), with
+each prompt run once for its group of completions as the trainer runs it
+(`prompt_group`), and also with a full forward pass per row (the reference's work).
 Reference: the same update written plainly in PyTorch on the same `Qwen2ForCausalLM`
 (`logits_to_keep` completion logits, logsumexp log-probs, the same clipped ratio and
 k3 term, token mean, `loss.backward()`, `clip_grad_norm_`, `torch.optim.AdamW` with the
 same decay mask), timed at 1 and 2 torch threads, the faster being the reference. Both
 start from identical weights (`common.random_qwen2`; the frozen reference model is a
-second random init, so k3 != 0) on the same batch of 16 rows of 64 prompt + 128
-completion tokens (random ids, left-padded prompts, right-padded completions, random
-advantages); the first update's loss and gradient norm must agree or the run fails.
-Also reported: model FLOP/s against a jitted 2048^2 fp32 matmul measured in the same run.
+second random init, so k3 != 0) on the same GRPO batch: 2 prompts x 8 completions
+(METHOD.md's G) of 64 prompt + 128 completion tokens (random ids, left-padded prompts,
+right-padded completions, random advantages); the first update's loss and gradient norm
+must agree or the run fails. Also reported: FLOP/s of the per-row update (the same
+FLOPs as the reference) against a jitted 2048^2 fp32 matmul measured in the same run.
 """
 
 import contextlib
@@ -32,6 +35,7 @@ from rwr_jax.train import optimizer as optimizer_lib
 from rwr_jax.train.step import TrainBatch, TrainState, train_step
 
 BATCH, PROMPT_LENGTH, COMPLETION_LENGTH = 16, 64, 128
+GROUP = 8  # completions per prompt (METHOD.md's G): rows of a group share their prompt
 NUM_MICRO_BATCHES, LOGPROB_CHUNK = 1, 512  # configs/common.py: logprob_chunk 512 (> C: one chunk)
 LOSS = losses.LossConfig(loss_type="dapo", beta=0.001, epsilon_low=0.2, epsilon_high=0.2)
 OPTIMIZER = optimizer_lib.OptimizerConfig()  # release settings: lr 1e-6, wd 0.1 on matrices, clip 1.0
@@ -57,12 +61,19 @@ class Setup:
 
 
 def trajectories(vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random rows: tokens / token_mask / positions [B, P + C], loss_mask [B, C], advantages [B]."""
+    """GRPO rows: BATCH / GROUP prompts with GROUP completions each (consecutive rows).
+
+    Returns tokens / token_mask / positions [B, P + C], loss_mask [B, C], advantages [B]:
+    random ids, prompts left-padded to P (one length per group), completions
+    right-padded to C (one length per row), random advantages.
+    """
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, vocab_size, (BATCH, PROMPT_LENGTH + COMPLETION_LENGTH)).astype(np.int32)
-    prompt = rng.integers(PROMPT_LENGTH // 2, PROMPT_LENGTH + 1, BATCH)
+    first = np.arange(BATCH) // GROUP * GROUP
+    tokens[:, :PROMPT_LENGTH] = tokens[first, :PROMPT_LENGTH]
+    prompt = rng.integers(PROMPT_LENGTH // 2, PROMPT_LENGTH + 1, BATCH // GROUP).repeat(GROUP)
     completion = rng.integers(COMPLETION_LENGTH // 2, COMPLETION_LENGTH + 1, BATCH)
-    prompt[0], completion[0] = PROMPT_LENGTH, COMPLETION_LENGTH  # one row without padding
+    prompt[:GROUP], completion[0] = PROMPT_LENGTH, COMPLETION_LENGTH  # one row without padding
     token_mask = np.concatenate([np.arange(PROMPT_LENGTH)[None] >= PROMPT_LENGTH - prompt[:, None],
                                  np.arange(COMPLETION_LENGTH)[None] < completion[:, None]], axis=1)
     return dict(tokens=tokens, token_mask=token_mask,
@@ -108,11 +119,15 @@ def build_setup(shape: str) -> Setup:
                  torch_policy=torch_policy.train(), torch_reference=torch_reference, torch_optimizer=torch_optimizer)
 
 
-def ours_update(s: Setup, clock: common.Phases) -> dict[str, float]:
-    """One `train_step` (the state is donated and replaced); returns loss, grad_norm, kl."""
+def ours_update(s: Setup, clock: common.Phases, prompt_group: int = GROUP) -> dict[str, float]:
+    """One `train_step` (the state is donated and replaced); returns loss, grad_norm, kl.
+
+    prompt_group = GROUP runs each prompt once for its group (as the trainer does);
+    1 runs a full forward pass per row, as the reference does.
+    """
     s.state, metrics = train_step(s.model, s.tx, s.state, s.batch, s.ref_params, loss_config=LOSS,
                                   num_micro_batches=NUM_MICRO_BATCHES, chunk_size=LOGPROB_CHUNK,
-                                  prompt_length=PROMPT_LENGTH)
+                                  prompt_length=PROMPT_LENGTH, prompt_group=prompt_group)
     out = {name: float(metrics[name]) for name in ("loss", "grad_norm", "kl")}
     clock.mark("update")
     return out
@@ -240,13 +255,15 @@ def bench_train_step(shape: str, repeats: int = 3, report: Callable[[str], None]
     check = check_first_update(ours_first, torch_update(s, common.Phases(sync=False), torch_threads[0]))
     square = jnp.ones((PEAK_SIZE, PEAK_SIZE), jnp.float32)
     runs = {"ours": lambda c: ours_update(s, c),
+            "ours_per_row": lambda c: ours_update(s, c, prompt_group=1),
             **{f"torch_{n}t": (lambda c, n=n: torch_update(s, c, n)) for n in torch_threads},
             "ours_reference_forward": lambda c: forward_logprobs(s.model, s.ref_params, s.rows).block_until_ready(),
             "peak": lambda c: matmul_probe(square, c)}
     _, median, phases = common.time_interleaved(runs, repeats)
     torch_best = min((f"torch_{n}t" for n in torch_threads), key=median.get)
     lines = [
-        f"train_step_breakdown [{shape}]: ours update {median['ours'] * 1e3:.1f} ms; ours forward-only log-probs "
+        f"train_step_breakdown [{shape}]: ours update {median['ours'] * 1e3:.1f} ms (prompts once per group), "
+        f"{median['ours_per_row'] * 1e3:.1f} ms (a full forward per row); ours forward-only log-probs "
         f"(the reference model's share of an update) {median['ours_reference_forward'] * 1e3:.1f} ms | "
         f"{torch_best}: " + " | ".join(f"{p} {t * 1e3:.1f} ms" for p, t in phases[torch_best].items()),
         *_summaries(shape, s, median, torch_best, (first_clock.seconds["update"], compile_time[0]), check, repeats),
@@ -272,11 +289,14 @@ def _summaries(shape: str, s: Setup, median: dict[str, float], torch_best: str, 
             f"included ({int(s.rows['token_mask'].sum())} real, {int(s.rows['loss_mask'].sum())} loss tokens); "
             f"{LOSS.loss_type} beta {LOSS.beta} k3, AdamW + clip {OPTIMIZER.max_grad_norm}, fp32, micro-batches "
             f"{NUM_MICRO_BATCHES}, log-prob chunk {LOGPROB_CHUNK}, ours on XLA's default CPU pool; median of "
-            f"{repeats}; ours first call {first_call[0]:.2f} s, of which trace + lower + XLA compile "
+            f"{repeats}; ours runs each prompt once for its {GROUP} completions; with a full forward per row "
+            f"{tokens / median['ours_per_row']:.1f} tokens/s = {median[torch_best] / median['ours_per_row']:.2f}x; "
+            f"ours first call {first_call[0]:.2f} s, of which trace + lower + XLA compile "
             f"{first_call[1]:.2f} s, vs median {median['ours']:.3f} s; all torch: {others}; {check}"),
         common.summary(
-            "train_step_peak_fraction", shape, flops / median["ours"] / 1e9,
+            "train_step_peak_fraction", shape, flops / median["ours_per_row"] / 1e9,
             f"jitted_{PEAK_SIZE}x{PEAK_SIZE}_fp32_matmul", peak, "GFLOP/s",
-            f"ratio = fraction of measured matmul peak; {torch_best} {flops / median[torch_best] / 1e9:.1f} GFLOP/s = "
+            f"ratio = fraction of measured matmul peak of ours with a full forward per row (the reference's "
+            f"FLOPs); {torch_best} {flops / median[torch_best] / 1e9:.1f} GFLOP/s = "
             f"{flops / median[torch_best] / 1e9 / peak:.2f} of peak; {formula}"),
     ]

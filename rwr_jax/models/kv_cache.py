@@ -8,6 +8,8 @@ query ever attends to. Rotary positions are not derived from slots; the caller p
 them, so a row's positions stay contiguous across padded slots.
 """
 
+import functools
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -51,6 +53,13 @@ class KVCache:
     @property
     def max_length(self) -> int:
         return self.key_mask.shape[1]
+
+    def repeat_rows(self, repeats: int) -> "KVCache":
+        """Each row's cache `repeats` times in a row ([B, ...] -> [B * repeats, ...]): G
+        completions continuing one prompt. Differentiable; the gradient sums over the copies."""
+        repeat = functools.partial(jnp.repeat, repeats=repeats, axis=0)
+        return self.replace(keys=tuple(map(repeat, self.keys)), values=tuple(map(repeat, self.values)),
+                            key_mask=repeat(self.key_mask))
 
     def write_mask(self, token_mask: jax.Array) -> jax.Array:
         """key_mask after writing a chunk whose valid tokens are `token_mask` [B, T]."""

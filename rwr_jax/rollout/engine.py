@@ -75,6 +75,13 @@ def format_retrieved(passages: Sequence[Passage]) -> str:
     return "<retrieve> " + "".join(f"({j}) {p.text}\n" for j, p in enumerate(passages, 1)) + " </retrieve>"
 
 
+def _logits_at(model, params, hidden: jax.Array, index: jax.Array) -> jax.Array:
+    """[B, V] float32 logits of position index[b] of each row of [B, T, D] hidden states
+    (the LM head runs on B positions, not B x T)."""
+    picked = jnp.take_along_axis(hidden, index[:, None, None], axis=1)
+    return model.apply({"params": params}, picked, method=type(model).logits)[:, 0].astype(jnp.float32)
+
+
 @functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("state",))
 def extend(model, params, state: sampler.DecodeState, chunk: jax.Array, chunk_mask: jax.Array,
            env_count: jax.Array) -> sampler.DecodeState:
@@ -96,15 +103,15 @@ def extend(model, params, state: sampler.DecodeState, chunk: jax.Array, chunk_ma
     positions = state.next_position[:, None] + jnp.arange(chunk.shape[1])[None]
     if model.config.mrope_section is not None:
         positions = jnp.broadcast_to(positions, (3, *positions.shape))
-    logits, cache = model.apply({"params": params}, chunk, positions, chunk_mask, state.cache)
-    last = jnp.take_along_axis(logits, jnp.maximum(count - 1, 0)[:, None, None], axis=1)[:, 0]
+    hidden, cache = model.apply({"params": params}, chunk, positions, chunk_mask, state.cache, return_hidden=True)
+    last = _logits_at(model, params, hidden, jnp.maximum(count - 1, 0))
     # Block ids go after the pending token, which the completion already holds.
     rows = jnp.arange(chunk.shape[0])[:, None]
     j = jnp.arange(chunk.shape[1] - 1)[None]
     slot = jnp.where(j < env_count[:, None], state.length[:, None] + j, state.tokens.shape[1])
     return state.replace(
         cache=cache,
-        logits=jnp.where(extended[:, None], last.astype(jnp.float32), state.logits),
+        logits=jnp.where(extended[:, None], last, state.logits),
         tokens=state.tokens.at[rows, slot].set(chunk[:, 1:], mode="drop"),
         source=state.source.at[rows, slot].set(jnp.int8(sampler.SOURCE_ENV), mode="drop"),
         logprobs=state.logprobs.at[rows, slot].set(0.0, mode="drop"),
@@ -127,11 +134,10 @@ def prefill_group(model, params, tokens, token_mask, positions, images, *, group
                          num_kv_heads=model.config.num_kv_heads, head_dim=model.config.head_dim,
                          dtype=model.config.jnp_dtype)
     kwargs = {} if images is None else {"images": images}
-    logits, cache = model.apply({"params": params}, tokens, positions, token_mask, cache, **kwargs)
-    repeat = functools.partial(jnp.repeat, repeats=group_size, axis=0)
-    cache = cache.replace(keys=tuple(map(repeat, cache.keys)), values=tuple(map(repeat, cache.values)),
-                          key_mask=repeat(cache.key_mask))
-    return cache, repeat(logits[:, -1].astype(jnp.float32))
+    hidden, cache = model.apply({"params": params}, tokens, positions, token_mask, cache, return_hidden=True,
+                                **kwargs)
+    logits = _logits_at(model, params, hidden, jnp.full(tokens.shape[:1], tokens.shape[1] - 1))
+    return cache.repeat_rows(group_size), jnp.repeat(logits, group_size, axis=0)
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -13,13 +13,15 @@ import collections
 
 import numpy as np
 
+# (text, weight): the tags tokenise into shared pieces (`<th` `ink` `>`, ` </` `query` `>`),
+# so a bigram walk often drifts out of a query before closing it; weighting the query
+# templates keeps complete `<query> … </query>` blocks common in the demo's rollouts.
 TEMPLATES = (
-    "<think> The finding points to a condition. </think>"
-    "<query> finding condition treatment </query>",
-    "<think> The retrieved text names the treatment. </think><answer> B. treatment </answer><|im_end|>",
-    "<think> I know this case. </think><answer> A. treatment </answer><|im_end|>",
-    "<think> Check the options. </think><query> condition </query>",
-    "<think> The options fit C. </think><answer> C. condition </answer><|im_end|>",
+    ("<think> The finding points to a condition. </think><query> finding condition treatment </query>", 3),
+    ("<think> The retrieved text names the treatment. </think><answer> B. treatment </answer><|im_end|>", 1),
+    ("<think> I know this case. </think><answer> A. treatment </answer><|im_end|>", 1),
+    ("<think> Check the options. </think><query> condition </query>", 3),
+    ("<think> The options fit C. </think><answer> C. condition </answer><|im_end|>", 1),
 )
 
 
@@ -42,16 +44,16 @@ def apply_format_prior(params: dict, tokenizer, *, strength: float = 20.0, embed
     embedding = np.array(params["model"]["embed_tokens"]["embedding"], np.float32)
     kernel = np.array(params["lm_head"]["kernel"], np.float32)
     vocab, width = embedding.shape
-    sequences = [tokenizer.encode(t, add_special_tokens=False) for t in TEMPLATES]
-    distinct = sorted({t for seq in sequences for t in seq})
+    sequences = [(tokenizer.encode(text, add_special_tokens=False), weight) for text, weight in TEMPLATES]
+    distinct = sorted({t for seq, _ in sequences for t in seq})
     if len(distinct) + 1 > width:
         raise ValueError(f"the format prior needs hidden_size >= {len(distinct) + 1}, got {width}")
     slot = {token: i + 1 for i, token in enumerate(distinct)}  # slot 0: every other token
     counts = collections.defaultdict(collections.Counter)
-    for seq in sequences:
-        counts[0][seq[0]] += 1
+    for seq, weight in sequences:
+        counts[0][seq[0]] += weight
         for prev, nxt in zip(seq, seq[1:]):
-            counts[slot[prev]][nxt] += 1
+            counts[slot[prev]][nxt] += weight
     directions = np.zeros((vocab, width), np.float32)
     directions[:, 0] = embed_scale
     for token, s in slot.items():

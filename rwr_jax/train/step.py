@@ -8,6 +8,7 @@ scattered into each row's `<|image_pad|>` embeddings through a host-built index.
 """
 
 import functools
+import math
 from typing import Any
 
 import flax.struct
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rwr_jax.models.qwen2_vl import decoder
 from rwr_jax.models.qwen2_vl.model import VisionLanguageLM
 from rwr_jax.rl import logprobs as logprobs_lib
 from rwr_jax.rl import losses
@@ -79,12 +81,39 @@ def _embeds(model, params, tokens, feature_index, features):
     return jnp.where((feature_index >= 0)[..., None], picked, embeds)
 
 
-def _completion_logprobs(model, params, micro, features, prompt_length, chunk_size, entropy=False):
-    embeds = _embeds(model, params, micro["tokens"], micro["image_feature_index"], features)
-    hidden, _ = model.apply({"params": params}, micro["tokens"], micro["positions"], micro["token_mask"],
-                            embeds=embeds, return_hidden=True)
-    return logprobs_lib.chunked_logprobs(model, params, hidden[:, prompt_length - 1:-1],
-                                         micro["tokens"][:, prompt_length:], chunk_size=chunk_size,
+def _completion_logprobs(model, params, micro, features, prompt_length, chunk_size, prompt_group, entropy=False):
+    """[B, C] log-probs (and entropies) of the completion tokens of a micro-batch.
+
+    With prompt_group = g > 1, rows b * g ... b * g + g - 1 share one prompt: it runs
+    once (a prefill into a KV cache), the cache is repeated for its g completions, and
+    the completions run as one chunk attending to it, the gradient of the shared
+    prompt summing over its completions: the same result as g full forward passes,
+    with 1 / g of the prompt's work.
+    """
+    tokens, mask, positions, index = (micro[name] for name in ("tokens", "token_mask", "positions",
+                                                              "image_feature_index"))
+    completion = tokens[:, prompt_length:]
+    if prompt_group == 1:
+        hidden, _ = model.apply({"params": params}, tokens, positions, mask,
+                                embeds=_embeds(model, params, tokens, index, features), return_hidden=True)
+        hidden = hidden[:, prompt_length - 1:-1]
+    else:
+        def prompt_rows(x, axis=0):  # the first row of every group, prompt positions only
+            return jax.lax.slice_in_dim(x, 0, None, prompt_group, axis)[..., :prompt_length]
+
+        prompt = prompt_rows(tokens)
+        cache = decoder.init_cache(model.config, batch=prompt.shape[0], max_length=tokens.shape[1])
+        prompt_hidden, cache = model.apply(
+            {"params": params}, prompt, prompt_rows(positions, positions.ndim - 2), prompt_rows(mask), cache,
+            embeds=_embeds(model, params, prompt, prompt_rows(index), features), return_hidden=True)
+        hidden, _ = model.apply(
+            {"params": params}, completion, positions[..., prompt_length:], mask[:, prompt_length:],
+            cache.repeat_rows(prompt_group), embeds=_embeds(model, params, completion, index[:, prompt_length:],
+                                                            features), return_hidden=True)
+        # Completion token t is predicted at position P + t - 1: the prompt's last one for t = 0.
+        last = jnp.repeat(prompt_hidden[:, -1:], prompt_group, axis=0)
+        hidden = jnp.concatenate([last, hidden[:, :-1]], axis=1)
+    return logprobs_lib.chunked_logprobs(model, params, hidden, completion, chunk_size=chunk_size,
                                          return_entropy=entropy)
 
 
@@ -100,10 +129,11 @@ def _image_features(model, params, images):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "optimizer", "loss_config", "num_micro_batches",
-                                             "chunk_size", "prompt_length"), donate_argnames=("state",))
+                                             "chunk_size", "prompt_length", "prompt_group"),
+                   donate_argnames=("state",))
 def train_step(model, optimizer: optax.GradientTransformation, state: TrainState, batch: TrainBatch, ref_params,
-               *, loss_config: losses.LossConfig, num_micro_batches: int, chunk_size: int,
-               prompt_length: int) -> tuple[TrainState, dict[str, jax.Array]]:
+               *, loss_config: losses.LossConfig, num_micro_batches: int, chunk_size: int, prompt_length: int,
+               prompt_group: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser step on a batch of trajectories.
 
     Args:
@@ -116,10 +146,16 @@ def train_step(model, optimizer: optax.GradientTransformation, state: TrainState
       num_micro_batches: gradient-accumulation steps.
       chunk_size: LM-head chunk for log-probs.
       prompt_length: P, the prompt part of every sequence.
+      prompt_group: g, consecutive rows of every micro-batch that share one prompt
+        (tokens, mask, positions, images: G completions of a prompt, see
+        `shared_prompt_group`); each prompt then runs once, not g times. 1 = no sharing.
 
     Returns:
       (new state, metrics of this step as scalars).
     """
+    rows_per_micro = batch.tokens.shape[0] // num_micro_batches
+    if prompt_group < 1 or rows_per_micro % prompt_group:
+        raise ValueError(f"prompt_group must divide the {rows_per_micro} rows of a micro-batch, got {prompt_group}")
     features = _image_features(model, state.params, batch.images)
     rows = {"tokens": batch.tokens, "token_mask": batch.token_mask, "positions": batch.positions,
             "loss_mask": batch.loss_mask, "advantages": batch.advantages, "sampler": batch.sampler_logprobs,
@@ -129,11 +165,12 @@ def train_step(model, optimizer: optax.GradientTransformation, state: TrainState
     ref_features = None if loss_config.beta == 0 else _image_features(model, ref_params, batch.images)
 
     def loss_fn(params, micro):
-        logp, entropy = _completion_logprobs(model, params, micro, features, prompt_length, chunk_size, True)
+        logp, entropy = _completion_logprobs(model, params, micro, features, prompt_length, chunk_size, prompt_group,
+                                              entropy=True)
         ref = None
         if loss_config.beta > 0:
             ref = jax.lax.stop_gradient(_completion_logprobs(model, ref_params, micro, ref_features, prompt_length,
-                                                             chunk_size))
+                                                             chunk_size, prompt_group))
         terms = losses.policy_loss(logp, micro["loss_mask"], micro["advantages"], loss_config, ref_logprobs=ref)
         metrics = losses.loss_diagnostics(logp, micro["loss_mask"], micro["advantages"], loss_config,
                                           ref_logprobs=ref, entropies=entropy)
@@ -163,3 +200,10 @@ def train_step(model, optimizer: optax.GradientTransformation, state: TrainState
     metrics["grad_norm"] = optax.global_norm(grads)
     metrics["nonfinite_updates"] = opt_state.total_notfinite.astype(jnp.float32)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def shared_prompt_group(group_size: int, batch_rows: int, num_micro_batches: int) -> int:
+    """The largest `prompt_group` for B = batch_rows rows made of groups of `group_size`
+    consecutive rows with one prompt each, split into `num_micro_batches` micro-batches:
+    gcd(G, B / num_micro_batches) (a micro-batch boundary may cut a group)."""
+    return math.gcd(group_size, batch_rows // num_micro_batches)

@@ -11,24 +11,30 @@ from rwr_jax.models.qwen2_vl.config import DecoderConfig
 from rwr_jax.models.qwen2_vl.decoder import DecoderLM
 from rwr_jax.rl import losses
 from rwr_jax.train import optimizer as optimizer_lib
+from rwr_jax.train import step as step_lib
 from rwr_jax.train.step import TrainBatch, TrainState, train_step
 
 PROMPT, COMPLETION, ROWS = 6, 10, 8
 
 
-def _setup(seed=0):
+def _setup(seed=0, group=1, mrope=False):
+    """ROWS rows; consecutive groups of `group` rows share their prompt."""
     config = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                           num_kv_heads=2)
+                           num_kv_heads=2, mrope_section=(2, 1, 1) if mrope else None)
     model = DecoderLM(config)
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, 64, (ROWS, PROMPT + COMPLETION)).astype(np.int32)
     mask = np.ones_like(tokens, bool)
     mask[::2, :2] = False  # left padding on half the prompts
+    first = np.arange(ROWS) // group * group
+    tokens[:, :PROMPT], mask[:, :PROMPT] = tokens[first, :PROMPT], mask[first, :PROMPT]
     comp_len = rng.integers(3, COMPLETION + 1, ROWS)
     loss_mask = np.arange(COMPLETION)[None] < comp_len[:, None]
     loss_mask[1, 2:4] = False  # an environment block
     mask[:, PROMPT:] = np.arange(COMPLETION)[None] < comp_len[:, None]
     positions = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
+    if mrope:  # text-only mRoPE: the three sections share the text positions
+        positions = np.broadcast_to(positions, (3, *positions.shape)).copy()
     params = jax.jit(model.init)(jax.random.key(seed), jnp.asarray(tokens), jnp.asarray(positions),
                                  jnp.asarray(mask))["params"]
     params = jax.tree_util.tree_map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
@@ -39,12 +45,12 @@ def _setup(seed=0):
     return model, params, batch
 
 
-def _step(model, params, batch, tx, loss_config, micro):
+def _step(model, params, batch, tx, loss_config, micro, prompt_group=1, ref_params=None):
     state = TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree_util.tree_map(jnp.copy, params),
                        opt_state=tx.init(params))
-    ref = jax.tree_util.tree_map(jnp.copy, params)  # must not alias the donated state
+    ref = jax.tree_util.tree_map(jnp.copy, params if ref_params is None else ref_params)  # not aliasing the state
     return train_step(model, tx, state, batch, ref, loss_config=loss_config, num_micro_batches=micro,
-                      chunk_size=4, prompt_length=PROMPT)
+                      chunk_size=4, prompt_length=PROMPT, prompt_group=prompt_group)
 
 
 @pytest.mark.slow
@@ -74,6 +80,32 @@ def test_micro_batches_equal_full_batch(loss_type):
     for a, b in zip(jax.tree_util.tree_leaves(split.params), expected):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert float(split_metrics["grad_norm"]) > 0
+
+
+@pytest.mark.parametrize("micro,group,mrope", [(2, 4, False), (4, 2, True)], ids=["rope", "mrope"])
+def test_shared_prompt_equals_a_full_forward_per_row(micro, group, mrope):
+    """Prompts run once per group (prefill + repeated cache): loss, metrics and the
+    update equal those of a full forward pass per row, KL to a different reference included."""
+    model, params, batch = _setup(group=4, mrope=mrope)
+    _, ref_params, _ = _setup(seed=1, group=4, mrope=mrope)
+    loss_config = losses.LossConfig(loss_type="dapo", beta=0.05, max_completion_length=COMPLETION)
+    tx = optax.apply_if_finite(optax.sgd(1.0), 3)
+    shared, shared_metrics = _step(model, params, batch, tx, loss_config, micro, group, ref_params)
+    full, full_metrics = _step(model, params, batch, tx, loss_config, micro, 1, ref_params)
+    assert float(full_metrics["kl"]) > 0
+    for name in full_metrics:
+        np.testing.assert_allclose(shared_metrics[name], full_metrics[name], rtol=2e-5, atol=1e-6, err_msg=name)
+    for a, b in zip(jax.tree_util.tree_leaves(shared.params), jax.tree_util.tree_leaves(full.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_shared_prompt_group_divides_micro_batches():
+    assert step_lib.shared_prompt_group(8, 64, 2) == 8
+    assert step_lib.shared_prompt_group(8, 16, 4) == 4  # micro-batches of 4 rows cut the groups of 8
+    assert step_lib.shared_prompt_group(3, 8, 1) == 1
+    model, params, batch = _setup()
+    with pytest.raises(ValueError, match="prompt_group must divide the 4 rows"):
+        _step(model, params, batch, optax.sgd(1.0), losses.LossConfig(), 2, prompt_group=3)
 
 
 def test_zero_advantages_give_zero_policy_gradient():
