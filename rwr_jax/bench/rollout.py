@@ -218,7 +218,8 @@ def bench_rollout(shape: str, repeats: int = 3, report: Callable[[str], None] = 
                 f"ratio = roofline fraction: all {total_bytes / 1e6:.1f} MB params x {steps} steps / decode "
                 f"{phases['decode']:.3f} s vs jitted [{BATCH},{width}]x[{width},{vocab}] fp32 matmul ({gflops:.1f} "
                 f"GFLOP/s, the faster dot library); streamed bytes only (no embedding table, "
-                f"{streamed_bytes / 1e6:.1f} MB): {streamed_rate:.2f} GB/s = {streamed_rate / bandwidth:.2f} of bandwidth"),
+                f"{streamed_bytes / 1e6:.1f} MB): {streamed_rate:.2f} GB/s = "
+                f"{streamed_rate / bandwidth:.2f} of bandwidth"),
     ]
     for line in lines:
         report(line)

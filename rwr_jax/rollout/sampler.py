@@ -200,8 +200,8 @@ def _step(model, params, sampling: SamplingConfig, tables: stop_strings.StopTabl
     still_active = active & ~stop
     # Feed the token of rows that go on (a paused row's token enters the cache with its
     # retrieved block; see engine.extend).
-    logits, cache = model.apply({"params": params}, token[:, None], _positions_for(model, state.next_position)[..., None],
-                                still_active[:, None], state.cache)
+    positions = _positions_for(model, state.next_position)[..., None]
+    logits, cache = model.apply({"params": params}, token[:, None], positions, still_active[:, None], state.cache)
     return state.replace(
         cache=cache, logits=jnp.where(still_active[:, None], logits[:, 0].astype(jnp.float32), state.logits),
         tokens=tokens, source=source, logprobs=logprobs, length=length,

@@ -99,8 +99,7 @@ class DecoderLayer(nn.Module):
         c = self.config
         norm = functools.partial(RMSNorm, eps=c.rms_norm_eps, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype)
         x = nn.with_logical_constraint(x, _ACTIVATION)
-        attn_out, kv = Attention(c, name="self_attn")(norm(name="input_layernorm")(x), cos, sin, mask, kv,
-                                                      end_index)
+        attn_out, kv = Attention(c, name="self_attn")(norm(name="input_layernorm")(x), cos, sin, mask, kv, end_index)
         x = x + attn_out
         x = x + MLP(c, name="mlp")(norm(name="post_attention_layernorm")(x))
         return nn.with_logical_constraint(x, _ACTIVATION), kv
