@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rwr_jax.models.kv_cache import KVCache
+from rwr_jax.models.qwen2_vl.decoder import init_cache
 from rwr_jax.rollout import sampler, stop_strings
 from rwr_jax.rollout.trajectory import FINISH_REASONS, Passage, Trajectory
 
@@ -130,9 +130,7 @@ def prefill_group(model, params, tokens, token_mask, positions, images, *, group
     Returns:
       (cache with P * G rows, [P * G, V] last-token logits).
     """
-    cache = KVCache.init(num_layers=model.config.num_layers, batch=tokens.shape[0], max_length=cache_length,
-                         num_kv_heads=model.config.num_kv_heads, head_dim=model.config.head_dim,
-                         dtype=model.config.jnp_dtype)
+    cache = init_cache(model.config, batch=tokens.shape[0], max_length=cache_length)
     kwargs = {} if images is None else {"images": images}
     hidden, cache = model.apply({"params": params}, tokens, positions, token_mask, cache, return_hidden=True,
                                 **kwargs)
