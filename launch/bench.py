@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
+from rwr_jax import host_memory  # noqa: E402
 from rwr_jax.bench import common  # noqa: E402
 
 _SHAPES = flags.DEFINE_list("shapes", ["tiny", "small"], f"Model shapes: {sorted(common.SHAPES)}.")
@@ -72,7 +73,8 @@ def main(argv):
     if _REPEATS.value < 1:
         raise app.UsageError(f"--repeats must be >= 1, got {_REPEATS.value}")
     packages = ("scann", "faiss-cpu") if "retrieval" in names else ()
-    common.emit(common.machine_line(packages))
+    kept = host_memory.keep_freed_memory()  # before JAX starts its CPU backend (see rwr_jax/host_memory.py)
+    common.emit(common.machine_line(packages, malloc="keeps freed memory" if kept else "default"))
     for name in names:
         BENCHMARKS[name]()
 

@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from rwr_jax import host_memory  # noqa: E402
 from rwr_jax.train import trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/stage2.py:demo.",
@@ -28,6 +29,7 @@ _STOP_AFTER = flags.DEFINE_integer("stop_after", None, "Stop after this many ste
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    host_memory.keep_freed_memory()  # before JAX starts its CPU backend (see rwr_jax/host_memory.py)
     trainer.train(_CONFIG.value, _WORKDIR.value, stop_after=_STOP_AFTER.value)
 
 

@@ -47,8 +47,9 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def machine_line(packages: tuple[str, ...] = ()) -> str:
-    """The first output line: CPU, cores, devices, library versions and thread settings."""
+def machine_line(packages: tuple[str, ...] = (), malloc: str = "default") -> str:
+    """The first output line: CPU, cores, devices, library versions, thread and malloc settings
+    (`malloc`: what `rwr_jax.host_memory` did in this process; ours and the reference share it)."""
     import jax  # pylint: disable=g-import-not-at-top
     libraries = " | ".join(f"{p} {version(p)}" for p in ("flax", "torch", "transformers") + packages)
     threads = ""
@@ -57,7 +58,7 @@ def machine_line(packages: tuple[str, ...] = ()) -> str:
         threads = f"torch threads {torch.get_num_threads()}, "
     return (f"machine: {cpu_name()} | {os.cpu_count()} cores | devices {jax.devices()} | jax {jax.__version__} | "
             f"{libraries} | threads: {threads}OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
-            f"XLA_FLAGS={os.environ.get('XLA_FLAGS', 'unset')!r}")
+            f"XLA_FLAGS={os.environ.get('XLA_FLAGS', 'unset')!r} | malloc: {malloc}")
 
 
 def summary(name: str, shape: str, ours: float, reference: str, value: float, unit: str, extra: str,

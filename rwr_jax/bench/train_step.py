@@ -5,8 +5,10 @@ r"""train_step benchmark: one GRPO update, ours vs a PyTorch reference update (B
 Ours: the jitted `rwr_jax.train.step.train_step` (policy log-probs with entropies,
 reference log-probs, "dapo" loss with k3 KL at beta 0.001 and clip 0.2 as in
 configs/common.py, gradients, AdamW + global-norm clip 1.0 from `make_optimizer`), with
-each prompt run once for its group of completions as the trainer runs it
-(`prompt_group`), and also with a full forward pass per row (the reference's work).
+each prompt run once for its group of completions, the completions' projections and
+MLPs on their real tokens only and the LM head on loss tokens only, as the trainer runs
+it (`prompt_group`, `packed_sizes`), and also with a full forward pass per row and the
+head on every completion position (the reference's work).
 Reference: the same update written plainly in PyTorch on the same `Qwen2ForCausalLM`
 (`logits_to_keep` completion logits, logsumexp log-probs, the same clipped ratio and
 k3 term, token mean, `loss.backward()`, `clip_grad_norm_`, `torch.optim.AdamW` with the
@@ -16,7 +18,8 @@ second random init, so k3 != 0) on the same GRPO batch: 2 prompts x 8 completion
 (METHOD.md's G) of 64 prompt + 128 completion tokens (random ids, left-padded prompts,
 right-padded completions, random advantages); the first update's loss and gradient norm
 must agree or the run fails. Also reported: FLOP/s of the per-row update (the same
-FLOPs as the reference) against a jitted 2048^2 fp32 matmul measured in the same run.
+FLOPs as the reference) against a jitted 2048^2 fp32 matmul measured in the same run
+(the faster of XLA:CPU's two dot libraries, as in the rollout roofline).
 """
 
 import contextlib
@@ -31,8 +34,9 @@ import numpy as np
 from rwr_jax.bench import common
 from rwr_jax.rl import logprobs as logprobs_lib
 from rwr_jax.rl import losses
+from rwr_jax.rollout import sampler
 from rwr_jax.train import optimizer as optimizer_lib
-from rwr_jax.train.step import TrainBatch, TrainState, train_step
+from rwr_jax.train.step import TrainBatch, TrainState, packed_sizes, train_step
 
 BATCH, PROMPT_LENGTH, COMPLETION_LENGTH = 16, 64, 128
 GROUP = 8  # completions per prompt (METHOD.md's G): rows of a group share their prompt
@@ -119,15 +123,18 @@ def build_setup(shape: str) -> Setup:
                  torch_policy=torch_policy.train(), torch_reference=torch_reference, torch_optimizer=torch_optimizer)
 
 
-def ours_update(s: Setup, clock: common.Phases, prompt_group: int = GROUP) -> dict[str, float]:
+def ours_update(s: Setup, clock: common.Phases, as_trainer: bool = True) -> dict[str, float]:
     """One `train_step` (the state is donated and replaced); returns loss, grad_norm, kl.
 
-    prompt_group = GROUP runs each prompt once for its group (as the trainer does);
-    1 runs a full forward pass per row, as the reference does.
+    as_trainer: each prompt runs once for its group, the completions padding-free and the
+    LM head on loss tokens only, as the trainer runs it; False: a full forward pass per row and the head on every
+    completion position, as the reference does.
     """
+    work = dict(prompt_group=GROUP, **packed_sizes(s.rows["loss_mask"], s.rows["token_mask"], NUM_MICRO_BATCHES,
+                                                   LOGPROB_CHUNK)) if as_trainer else {}
     s.state, metrics = train_step(s.model, s.tx, s.state, s.batch, s.ref_params, loss_config=LOSS,
                                   num_micro_batches=NUM_MICRO_BATCHES, chunk_size=LOGPROB_CHUNK,
-                                  prompt_length=PROMPT_LENGTH, prompt_group=prompt_group)
+                                  prompt_length=PROMPT_LENGTH, **work)
     out = {name: float(metrics[name]) for name in ("loss", "grad_norm", "kl")}
     clock.mark("update")
     return out
@@ -199,13 +206,14 @@ def compile_seconds():
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
-_matmul = jax.jit(jnp.matmul)
+MATMULS = {"ynnpack": jax.jit(jnp.matmul), "eigen": jax.jit(jnp.matmul, compiler_options=sampler.EIGEN_DOT_OPTIONS)}
 
 
-def matmul_probe(x: jax.Array, clock: common.Phases) -> jax.Array:
-    """PEAK_CALLS jitted fp32 [PEAK_SIZE, PEAK_SIZE] matmuls of `x` with itself (the peak probe)."""
+def matmul_probe(x: jax.Array, clock: common.Phases, library: str) -> jax.Array:
+    """PEAK_CALLS jitted fp32 [PEAK_SIZE, PEAK_SIZE] matmuls of `x` with itself with one of XLA:CPU's dot
+    libraries (`MATMULS`; other backends ignore the choice): the peak probe."""
     for _ in range(PEAK_CALLS):
-        out = _matmul(x, x)
+        out = MATMULS[library](x, x)
     clock.mark("matmul")
     return out.block_until_ready()
 
@@ -255,15 +263,16 @@ def bench_train_step(shape: str, repeats: int = 3, report: Callable[[str], None]
     check = check_first_update(ours_first, torch_update(s, common.Phases(sync=False), torch_threads[0]))
     square = jnp.ones((PEAK_SIZE, PEAK_SIZE), jnp.float32)
     runs = {"ours": lambda c: ours_update(s, c),
-            "ours_per_row": lambda c: ours_update(s, c, prompt_group=1),
+            "ours_per_row": lambda c: ours_update(s, c, as_trainer=False),
             **{f"torch_{n}t": (lambda c, n=n: torch_update(s, c, n)) for n in torch_threads},
             "ours_reference_forward": lambda c: forward_logprobs(s.model, s.ref_params, s.rows).block_until_ready(),
-            "peak": lambda c: matmul_probe(square, c)}
+            **{f"peak_{name}": (lambda c, name=name: matmul_probe(square, c, name)) for name in MATMULS}}
     _, median, phases = common.time_interleaved(runs, repeats)
     torch_best = min((f"torch_{n}t" for n in torch_threads), key=median.get)
     lines = [
         f"train_step_breakdown [{shape}]: ours update {median['ours'] * 1e3:.1f} ms (prompts once per group), "
-        f"{median['ours_per_row'] * 1e3:.1f} ms (a full forward per row); ours forward-only log-probs "
+        f"{median['ours_per_row'] * 1e3:.1f} ms (a full forward per row, head on every position); ours forward-only "
+        f"log-probs "
         f"(the reference model's share of an update) {median['ours_reference_forward'] * 1e3:.1f} ms | "
         f"{torch_best}: " + " | ".join(f"{p} {t * 1e3:.1f} ms" for p, t in phases[torch_best].items()),
         *_summaries(shape, s, median, torch_best, (first_clock.seconds["update"], compile_time[0]), check, repeats),
@@ -277,8 +286,9 @@ def _summaries(shape: str, s: Setup, median: dict[str, float], torch_best: str, 
                check: str, repeats: int) -> list[str]:
     """The tokens/s and the fraction-of-peak summary lines; first_call = (its seconds, compile seconds in it)."""
     tokens = BATCH * (PROMPT_LENGTH + COMPLETION_LENGTH)
+    sizes = packed_sizes(s.rows["loss_mask"], s.rows["token_mask"], NUM_MICRO_BATCHES, LOGPROB_CHUNK)
     flops, formula = update_flops(s.model.config, s.state.params)
-    peak = PEAK_CALLS * 2 * PEAK_SIZE ** 3 / median["peak"] / 1e9
+    peak = PEAK_CALLS * 2 * PEAK_SIZE ** 3 / min(median[f"peak_{name}"] for name in MATMULS) / 1e9
     others = "; ".join(f"{name} {tokens / seconds:.1f} tokens/s" for name, seconds in median.items()
                        if name.startswith("torch"))
     return [
@@ -289,7 +299,9 @@ def _summaries(shape: str, s: Setup, median: dict[str, float], torch_best: str, 
             f"included ({int(s.rows['token_mask'].sum())} real, {int(s.rows['loss_mask'].sum())} loss tokens); "
             f"{LOSS.loss_type} beta {LOSS.beta} k3, AdamW + clip {OPTIMIZER.max_grad_norm}, fp32, micro-batches "
             f"{NUM_MICRO_BATCHES}, log-prob chunk {LOGPROB_CHUNK}, ours on XLA's default CPU pool; median of "
-            f"{repeats}; ours runs each prompt once for its {GROUP} completions; with a full forward per row "
+            f"{repeats}; ours runs each prompt once for its {GROUP} completions, the completions padding-free "
+            f"and the LM head on loss tokens only ({sizes}); with a full forward per row and the head on every "
+            f"position "
             f"{tokens / median['ours_per_row']:.1f} tokens/s = {median[torch_best] / median['ours_per_row']:.2f}x; "
             f"ours first call {first_call[0]:.2f} s, of which trace + lower + XLA compile "
             f"{first_call[1]:.2f} s, vs median {median['ours']:.3f} s; all torch: {others}; {check}"),

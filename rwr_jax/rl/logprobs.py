@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rwr_jax.models import packing
+
 
 def hidden_states(model: nn.Module, params, tokens: jax.Array, positions: jax.Array, token_mask: jax.Array, *,
                   images=None) -> jax.Array:
@@ -86,6 +88,50 @@ def chunked_logprobs(model: nn.Module, params, hidden: jax.Array, targets: jax.A
     stats = jax.lax.map(one_chunk, (hidden, targets))
     stats = tuple(x.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :length] for x in stats)
     return stats if return_entropy else stats[0]
+
+
+def masked_logprobs(model: nn.Module, params, hidden: jax.Array, targets: jax.Array, mask: jax.Array, *,
+                    num_tokens: int, chunk_size: int, return_entropy: bool = False):
+    """log p(targets) where `mask` is True, the LM head run on those positions only.
+
+    The True positions are packed into one sequence (`models.packing`), scored by
+    `chunked_logprobs` and scattered back, so padding and environment tokens
+    (retrieved passages) cost no LM-head work. `num_tokens` is static: pass a bucketed
+    count (`token_bucket`) so batches of similar size share one compilation.
+
+    Args:
+      model, params: as in `chunked_logprobs`.
+      hidden: [B, T, D] final hidden states.
+      targets: [B, T] int32.
+      mask: [B, T] bool, the positions to score.
+      num_tokens: N >= mask.sum(), static. If a batch has more True positions, the
+        result and its gradients are NaN (a too-small bucket must never train silently).
+      chunk_size: positions per LM-head chunk.
+      return_entropy: also return entropies.
+
+    Returns:
+      [B, T] float32 log-probabilities (and entropies), 0 where mask is False.
+    """
+    index = packing.pack_index(mask, num_tokens)
+    stats = chunked_logprobs(model, params, packing.pack(hidden, index), packing.pack(targets, index),
+                             chunk_size=chunk_size, return_entropy=return_entropy)
+    poison = jnp.where(jnp.sum(mask) > num_tokens, jnp.nan, 1.0)  # NaN values and gradients on overflow
+    stats = tuple(packing.unpack(x, index, *mask.shape) * poison for x in (stats if return_entropy else (stats,)))
+    return stats if return_entropy else stats[0]
+
+
+def token_bucket(count: int, granule: int) -> int:
+    """A static size >= count for `masked_logprobs`, from few distinct values.
+
+    Below `granule` (the LM-head chunk) the next power of two; above it a multiple of
+    max(granule, 2 ** (k - 2)) for 2 ** k <= count: at most 4 sizes per octave, and
+    never more padding than chunking adds anyway.
+    """
+    count = max(int(count), 1)
+    if count <= granule:
+        return 1 << (count - 1).bit_length()
+    step = max(granule, 1 << (count.bit_length() - 3))
+    return -(-count // step) * step
 
 
 def token_logprobs(model: nn.Module, params, tokens: jax.Array, positions: jax.Array, token_mask: jax.Array,

@@ -14,8 +14,10 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from rwr_jax.models import packing
 from rwr_jax.models.qwen2_vl import decoder
 from rwr_jax.models.qwen2_vl.model import VisionLanguageLM
 from rwr_jax.rl import logprobs as logprobs_lib
@@ -81,8 +83,14 @@ def _embeds(model, params, tokens, feature_index, features):
     return jnp.where((feature_index >= 0)[..., None], picked, embeds)
 
 
-def _completion_logprobs(model, params, micro, features, prompt_length, chunk_size, prompt_group, entropy=False):
+def _completion_logprobs(model, params, micro, features, prompt_length, chunk_size, prompt_group, loss_tokens,
+                         completion_tokens, entropy=False):
     """[B, C] log-probs (and entropies) of the completion tokens of a micro-batch.
+
+    With loss_tokens = N, the LM head runs on the loss tokens only (N >= their count,
+    see `packed_sizes`); other positions hold 0. With completion_tokens = M, the
+    completions' projections and MLPs run on their M >= real tokens only (padding-free,
+    `models.packing`).
 
     With prompt_group = g > 1, rows b * g ... b * g + g - 1 share one prompt: it runs
     once (a prefill into a KV cache), the cache is repeated for its g completions, and
@@ -93,7 +101,7 @@ def _completion_logprobs(model, params, micro, features, prompt_length, chunk_si
     tokens, mask, positions, index = (micro[name] for name in ("tokens", "token_mask", "positions",
                                                               "image_feature_index"))
     completion = tokens[:, prompt_length:]
-    if prompt_group == 1:
+    if prompt_group == 1 and completion_tokens is None:
         hidden, _ = model.apply({"params": params}, tokens, positions, mask,
                                 embeds=_embeds(model, params, tokens, index, features), return_hidden=True)
         hidden = hidden[:, prompt_length - 1:-1]
@@ -106,15 +114,22 @@ def _completion_logprobs(model, params, micro, features, prompt_length, chunk_si
         prompt_hidden, cache = model.apply(
             {"params": params}, prompt, prompt_rows(positions, positions.ndim - 2), prompt_rows(mask), cache,
             embeds=_embeds(model, params, prompt, prompt_rows(index), features), return_hidden=True)
+        completion_mask = mask[:, prompt_length:]
+        pack_index = None if completion_tokens is None else packing.pack_index(completion_mask, completion_tokens)
         hidden, _ = model.apply(
-            {"params": params}, completion, positions[..., prompt_length:], mask[:, prompt_length:],
+            {"params": params}, completion, positions[..., prompt_length:], completion_mask,
             cache.repeat_rows(prompt_group), embeds=_embeds(model, params, completion, index[:, prompt_length:],
-                                                            features), return_hidden=True)
+                                                            features), return_hidden=True, pack_index=pack_index)
+        if completion_tokens is not None:  # NaN values and gradients if some real token did not fit
+            hidden = hidden * jnp.where(jnp.sum(completion_mask) > completion_tokens, jnp.nan, 1.0)
         # Completion token t is predicted at position P + t - 1: the prompt's last one for t = 0.
         last = jnp.repeat(prompt_hidden[:, -1:], prompt_group, axis=0)
         hidden = jnp.concatenate([last, hidden[:, :-1]], axis=1)
-    return logprobs_lib.chunked_logprobs(model, params, hidden, completion, chunk_size=chunk_size,
-                                         return_entropy=entropy)
+    if loss_tokens is None:
+        return logprobs_lib.chunked_logprobs(model, params, hidden, completion, chunk_size=chunk_size,
+                                             return_entropy=entropy)
+    return logprobs_lib.masked_logprobs(model, params, hidden, completion, micro["loss_mask"], num_tokens=loss_tokens,
+                                        chunk_size=chunk_size, return_entropy=entropy)
 
 
 def _image_features(model, params, images):
@@ -129,11 +144,13 @@ def _image_features(model, params, images):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "optimizer", "loss_config", "num_micro_batches",
-                                             "chunk_size", "prompt_length", "prompt_group"),
+                                             "chunk_size", "prompt_length", "prompt_group", "loss_tokens",
+                                             "completion_tokens"),
                    donate_argnames=("state",))
 def train_step(model, optimizer: optax.GradientTransformation, state: TrainState, batch: TrainBatch, ref_params,
                *, loss_config: losses.LossConfig, num_micro_batches: int, chunk_size: int, prompt_length: int,
-               prompt_group: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+               prompt_group: int = 1, loss_tokens: int | None = None,
+               completion_tokens: int | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser step on a batch of trajectories.
 
     Args:
@@ -149,6 +166,13 @@ def train_step(model, optimizer: optax.GradientTransformation, state: TrainState
       prompt_group: g, consecutive rows of every micro-batch that share one prompt
         (tokens, mask, positions, images: G completions of a prompt, see
         `shared_prompt_group`); each prompt then runs once, not g times. 1 = no sharing.
+      loss_tokens: N >= the loss tokens of every micro-batch (`packed_sizes`): the
+        LM head runs on those only, not on padding or retrieved text. None = on every
+        completion position. A too-small N makes the update non-finite (skipped).
+      completion_tokens: M >= the real completion tokens of every micro-batch
+        (`packed_sizes`): the completions' position-wise work runs on those only (the
+        prompts then run as a prefill even with prompt_group 1). None = padded.
+        A too-small M makes the update non-finite (skipped).
 
     Returns:
       (new state, metrics of this step as scalars).
@@ -166,11 +190,12 @@ def train_step(model, optimizer: optax.GradientTransformation, state: TrainState
 
     def loss_fn(params, micro):
         logp, entropy = _completion_logprobs(model, params, micro, features, prompt_length, chunk_size, prompt_group,
-                                              entropy=True)
+                                              loss_tokens, completion_tokens, entropy=True)
         ref = None
         if loss_config.beta > 0:
             ref = jax.lax.stop_gradient(_completion_logprobs(model, ref_params, micro, ref_features, prompt_length,
-                                                             chunk_size, prompt_group))
+                                                             chunk_size, prompt_group, loss_tokens,
+                                                             completion_tokens))
         terms = losses.policy_loss(logp, micro["loss_mask"], micro["advantages"], loss_config, ref_logprobs=ref)
         metrics = losses.loss_diagnostics(logp, micro["loss_mask"], micro["advantages"], loss_config,
                                           ref_logprobs=ref, entropies=entropy)
@@ -207,3 +232,28 @@ def shared_prompt_group(group_size: int, batch_rows: int, num_micro_batches: int
     consecutive rows with one prompt each, split into `num_micro_batches` micro-batches:
     gcd(G, B / num_micro_batches) (a micro-batch boundary may cut a group)."""
     return math.gcd(group_size, batch_rows // num_micro_batches)
+
+
+def packed_sizes(loss_mask: np.ndarray, token_mask: np.ndarray, num_micro_batches: int,
+                 chunk_size: int) -> dict[str, int]:
+    """`train_step`'s static `loss_tokens` and `completion_tokens` for a batch's host masks.
+
+    Args:
+      loss_mask: [B, C] bool.
+      token_mask: [B, P + C] bool.
+      num_micro_batches: m.
+      chunk_size: the LM-head chunk (the bucket granule, `logprobs.token_bucket`).
+
+    Returns:
+      {"loss_tokens": N, "completion_tokens": M}: the largest micro-batch's count of
+      loss tokens / of real completion tokens, bucketed, at most a micro-batch's B / m * C.
+    """
+    loss_mask = np.asarray(loss_mask)
+    completion_mask = np.asarray(token_mask)[:, -loss_mask.shape[1]:]
+    limit = loss_mask.size // num_micro_batches
+
+    def bucket(mask):
+        return min(logprobs_lib.token_bucket(int(mask.reshape(num_micro_batches, -1).sum(axis=1).max()), chunk_size),
+                   limit)
+
+    return {"loss_tokens": bucket(loss_mask), "completion_tokens": bucket(completion_mask)}

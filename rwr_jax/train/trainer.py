@@ -33,7 +33,8 @@ from rwr_jax.rollout import engine, sampler, stop_strings
 from rwr_jax.rollout.trajectory import FINISH_REASONS, Passage
 from rwr_jax.train import checkpoint, format_prior, optimizer as optimizer_lib, scoring, visual_scoring
 from rwr_jax.train.metrics import MetricWriter
-from rwr_jax.train.step import TrainState, _embeds, _image_features, shared_prompt_group, train_step
+from rwr_jax.train.step import (TrainState, _embeds, _image_features, packed_sizes, shared_prompt_group,
+                                train_step)
 
 
 @dataclasses.dataclass
@@ -263,7 +264,9 @@ def train(cfg, workdir: str, *, stop_after: int | None = None) -> TrainState:
             c.model, c.optimizer, state, train_batch, c.initial_params, loss_config=loss_config,
             num_micro_batches=cfg.train.num_micro_batches, chunk_size=cfg.train.logprob_chunk,
             prompt_length=batch.tokens.shape[1], prompt_group=shared_prompt_group(
-                cfg.rollout.group_size, train_batch.tokens.shape[0], cfg.train.num_micro_batches))
+                cfg.rollout.group_size, train_batch.tokens.shape[0], cfg.train.num_micro_batches),
+            **packed_sizes(train_batch.loss_mask, train_batch.token_mask, cfg.train.num_micro_batches,
+                           cfg.train.logprob_chunk))
         ran += 1
         metrics.update({f"train/{k}": float(v) for k, v in step_metrics.items()})
         if not np.isfinite(metrics["train/loss"]):

@@ -124,6 +124,49 @@ def test_gradients_equal_full_logits():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
 
 
+def test_masked_logprobs_score_only_the_masked_positions():
+    """Values, entropies and gradients equal the full head's at masked positions, 0 elsewhere;
+    the head sees only N positions; N below the count poisons the result with NaN."""
+    model, params = _decoder()
+    tokens, positions, mask, targets = _inputs()
+    hidden = jax.jit(functools.partial(logprobs_lib.hidden_states, model))(params, tokens, positions, mask)
+    score = mask.at[1, 0].set(False).at[2, 5:8].set(False)  # padding and an environment block skipped
+    count = int(score.sum())
+    weights = jnp.asarray(np.random.default_rng(3).normal(size=(B, T)), jnp.float32)
+
+    def masked(p, h, num_tokens):
+        return logprobs_lib.masked_logprobs(model, p, h, targets, score, num_tokens=num_tokens, chunk_size=4,
+                                            return_entropy=True)
+
+    def full(p, h):
+        logp, entropy = _reference_from_hidden(model, p, h, targets)
+        return jnp.where(score, logp, 0.0), jnp.where(score, entropy, 0.0)
+
+    def objective(fn):
+        return lambda p, h: sum(jnp.sum(w * x) for w, x in zip((weights, 0.1), fn(p, h)))
+
+    run = jax.jit(masked, static_argnums=2)
+    for num_tokens in (count, logprobs_lib.token_bucket(count, 4)):
+        for ours, expected in zip(run(params, hidden, num_tokens), full(params, hidden)):
+            np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=0, err_msg=f"N {num_tokens}")
+    grads = jax.jit(jax.grad(objective(lambda p, h: masked(p, h, count + 3)), argnums=(0, 1)))(params, hidden)
+    expected = jax.jit(jax.grad(objective(full), argnums=(0, 1)))(params, hidden)
+    for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+    one_chunk = jax.make_jaxpr(lambda p: logprobs_lib.masked_logprobs(model, p, hidden, targets, score,
+                                                                      num_tokens=count, chunk_size=64))(params)
+    assert [s for s in _shapes_in(one_chunk.jaxpr) if s[-1:] == (V,)] == [(1, count, V)]  # the head's only logits
+    assert all(bool(jnp.isnan(x).all()) for x in run(params, hidden, count - 1))
+
+
+def test_token_bucket():
+    assert [logprobs_lib.token_bucket(n, 512) for n in (0, 1, 3, 100, 512)] == [1, 1, 4, 128, 512]
+    # Above the chunk: multiples of max(chunk, 2 ** k / 4), at most 4 sizes per octave.
+    assert [logprobs_lib.token_bucket(n, 512) for n in (513, 1444, 2048, 2049, 30000)] == [1024, 1536, 2048, 2560,
+                                                                                          32768]
+    assert logprobs_lib.token_bucket(1444, 64) == 1536
+
+
 def _shapes_in(jaxpr):
     """All array shapes produced anywhere in a (closed) jaxpr, sub-jaxprs included."""
     shapes = set()

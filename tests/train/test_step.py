@@ -45,12 +45,12 @@ def _setup(seed=0, group=1, mrope=False):
     return model, params, batch
 
 
-def _step(model, params, batch, tx, loss_config, micro, prompt_group=1, ref_params=None):
+def _step(model, params, batch, tx, loss_config, micro, prompt_group=1, ref_params=None, **sizes):
     state = TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree_util.tree_map(jnp.copy, params),
                        opt_state=tx.init(params))
     ref = jax.tree_util.tree_map(jnp.copy, params if ref_params is None else ref_params)  # not aliasing the state
     return train_step(model, tx, state, batch, ref, loss_config=loss_config, num_micro_batches=micro,
-                      chunk_size=4, prompt_length=PROMPT, prompt_group=prompt_group)
+                      chunk_size=4, prompt_length=PROMPT, prompt_group=prompt_group, **sizes)
 
 
 @pytest.mark.slow
@@ -82,20 +82,26 @@ def test_micro_batches_equal_full_batch(loss_type):
     assert float(split_metrics["grad_norm"]) > 0
 
 
-@pytest.mark.parametrize("micro,group,mrope", [(2, 4, False), (4, 2, True)], ids=["rope", "mrope"])
-def test_shared_prompt_equals_a_full_forward_per_row(micro, group, mrope):
-    """Prompts run once per group (prefill + repeated cache): loss, metrics and the
-    update equal those of a full forward pass per row, KL to a different reference included."""
+@pytest.mark.parametrize("micro,group,mrope", [(2, 4, False), (4, 2, True), (2, 1, False)],
+                         ids=["rope", "mrope", "unshared"])
+def test_packed_work_equals_a_full_forward_per_row(micro, group, mrope):
+    """Prompts run once per group (prefill + repeated cache), completions padding-free and
+    the LM head on loss tokens only: loss, metrics and the update equal those of a full
+    forward pass per row with the head on every position, KL to a different reference
+    included."""
     model, params, batch = _setup(group=4, mrope=mrope)
     _, ref_params, _ = _setup(seed=1, group=4, mrope=mrope)
     loss_config = losses.LossConfig(loss_type="dapo", beta=0.05, max_completion_length=COMPLETION)
     tx = optax.apply_if_finite(optax.sgd(1.0), 3)
-    shared, shared_metrics = _step(model, params, batch, tx, loss_config, micro, group, ref_params)
+    count = lambda m: int(np.asarray(m).reshape(micro, -1).sum(axis=1).max())  # noqa: E731 (the tightest sizes)
+    sizes = dict(loss_tokens=count(batch.loss_mask), completion_tokens=count(batch.token_mask[:, PROMPT:]))
+    assert sizes["loss_tokens"] <= sizes["completion_tokens"] < ROWS // micro * COMPLETION
+    packed, packed_metrics = _step(model, params, batch, tx, loss_config, micro, group, ref_params, **sizes)
     full, full_metrics = _step(model, params, batch, tx, loss_config, micro, 1, ref_params)
     assert float(full_metrics["kl"]) > 0
     for name in full_metrics:
-        np.testing.assert_allclose(shared_metrics[name], full_metrics[name], rtol=2e-5, atol=1e-6, err_msg=name)
-    for a, b in zip(jax.tree_util.tree_leaves(shared.params), jax.tree_util.tree_leaves(full.params)):
+        np.testing.assert_allclose(packed_metrics[name], full_metrics[name], rtol=2e-5, atol=1e-6, err_msg=name)
+    for a, b in zip(jax.tree_util.tree_leaves(packed.params), jax.tree_util.tree_leaves(full.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -106,6 +112,30 @@ def test_shared_prompt_group_divides_micro_batches():
     model, params, batch = _setup()
     with pytest.raises(ValueError, match="prompt_group must divide the 4 rows"):
         _step(model, params, batch, optax.sgd(1.0), losses.LossConfig(), 2, prompt_group=3)
+
+
+def test_packed_sizes_cover_the_largest_micro_batch():
+    loss_mask = np.zeros((4, 8), bool)
+    loss_mask[0, :7], loss_mask[1, :2], loss_mask[2:, :] = True, True, True
+    token_mask = np.concatenate([np.ones((4, 3), bool), loss_mask], axis=1)
+    token_mask[1, 3:7] = True  # a retrieved block: real, not a loss token
+    assert step_lib.packed_sizes(loss_mask, token_mask, 2, 4) == {"loss_tokens": 16, "completion_tokens": 16}
+    assert step_lib.packed_sizes(loss_mask[:2], token_mask[:2], 1, 4) == {"loss_tokens": 12, "completion_tokens": 12}
+    assert step_lib.packed_sizes(loss_mask[:2], token_mask[:2], 2, 4) == {"loss_tokens": 8, "completion_tokens": 8}
+    assert step_lib.packed_sizes(loss_mask, token_mask, 1, 16) == {"loss_tokens": 32, "completion_tokens": 32}
+
+
+@pytest.mark.parametrize("size", ["loss_tokens", "completion_tokens"])
+def test_too_small_packed_size_never_trains_silently(size):
+    model, params, batch = _setup()
+    tx = optax.apply_if_finite(optax.sgd(1.0), 3)
+    sizes = step_lib.packed_sizes(batch.loss_mask, batch.token_mask, 2, 4)
+    sizes[size] = int(np.asarray(batch.loss_mask if size == "loss_tokens" else batch.token_mask[:, PROMPT:])[:4]
+                      .sum()) - 1
+    state, metrics = _step(model, params, batch, tx, losses.LossConfig(beta=0.0), 2, **sizes)
+    assert float(metrics["nonfinite_updates"]) == 1.0
+    for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(params)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_zero_advantages_give_zero_policy_gradient():

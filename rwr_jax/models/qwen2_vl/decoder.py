@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rwr_jax.models import attention, kv_cache, rope
+from rwr_jax.models import attention, kv_cache, packing, rope
 from rwr_jax.models.layers import DEFAULT_INIT, Projection, RMSNorm, logical_init
 from rwr_jax.models.qwen2_vl.config import DecoderConfig
 
@@ -32,32 +32,36 @@ class Attention(nn.Module):
             param_dtype=c.jnp_param_dtype, name=name)
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, kv=None, end_index=None):
+    def __call__(self, x, cos, sin, mask, kv=None, end_index=None, pack_index=None):
         """Attends a chunk of tokens to itself, or to the cache it is written into.
 
         Args:
-          x: [B, T, D] normed hidden states.
-          cos, sin: [B, T, head_dim] rotary tables.
+          x: [B, T, D] normed hidden states, or [1, N, D] packed ones (with pack_index).
+          cos, sin: [B, T, head_dim] rotary tables (packed like x).
           mask: [B, T, S] bool; S = T without a cache, else the cache length.
           kv: optional (keys, values) of this layer's cache, each [B, K, S, head_dim];
             the chunk's T slots are written in place (a decode step does not copy it).
           end_index: [] int32, slot where this chunk is written (with kv).
+          pack_index: optional [N] int32 flat positions of x's tokens in [B, T]
+            (`models.packing`): projections run packed, attention unpacked.
 
         Returns:
-          ([B, T, D] output, updated (keys, values) or None).
+          (output shaped like x, updated (keys, values) or None).
         """
         c = self.config
-        q = self._proj(c.num_heads, "heads", "q_proj")(x)
-        k = self._proj(c.num_kv_heads, "kv_heads", "k_proj")(x)
+        q = rope.apply_rope(self._proj(c.num_heads, "heads", "q_proj")(x), cos, sin)
+        k = rope.apply_rope(self._proj(c.num_kv_heads, "kv_heads", "k_proj")(x), cos, sin)
         v = self._proj(c.num_kv_heads, "kv_heads", "v_proj")(x)
-        q = rope.apply_rope(q, cos, sin)
-        k = rope.apply_rope(k, cos, sin)
+        if pack_index is not None:
+            q, k, v = (packing.unpack(t, pack_index, *mask.shape[:2]) for t in (q, k, v))
         if kv is not None:
             kv = tuple(jax.lax.dynamic_update_slice(c, new.transpose(0, 2, 1, 3).astype(c.dtype), (0, 0, end_index, 0))
                        for c, new in zip(kv, (k, v)))
             # [B, K, S, hd] -> the kernels' [B, S, K, hd] (the "xla" kernel transposes back: no copy).
             k, v = (c.transpose(0, 2, 1, 3).astype(q.dtype) for c in kv)
         out = attention.attend(q, k, v, mask, scale=c.head_dim ** -0.5, kernel=c.attention_kernel)
+        if pack_index is not None:
+            out = packing.pack(out, pack_index)
         out = nn.with_logical_constraint(
             out, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
         out = Projection(
@@ -94,12 +98,13 @@ class DecoderLayer(nn.Module):
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, kv=None, end_index=None):
-        """[B, T, D] -> ([B, T, D], updated kv); arguments as in `Attention`."""
+    def __call__(self, x, cos, sin, mask, kv=None, end_index=None, pack_index=None):
+        """[B, T, D] (or packed [1, N, D]) -> (the same shape, updated kv); arguments as in `Attention`."""
         c = self.config
         norm = functools.partial(RMSNorm, eps=c.rms_norm_eps, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype)
         x = nn.with_logical_constraint(x, _ACTIVATION)
-        attn_out, kv = Attention(c, name="self_attn")(norm(name="input_layernorm")(x), cos, sin, mask, kv, end_index)
+        attn_out, kv = Attention(c, name="self_attn")(norm(name="input_layernorm")(x), cos, sin, mask, kv, end_index,
+                                                      pack_index)
         x = x + attn_out
         x = x + MLP(c, name="mlp")(norm(name="post_attention_layernorm")(x))
         return nn.with_logical_constraint(x, _ACTIVATION), kv
@@ -126,7 +131,7 @@ class TextModel(nn.Module):
         self.layers = [layer(c) for _ in range(c.num_layers)]  # named layers_0, layers_1, ...
         self.norm = RMSNorm(c.rms_norm_eps, c.jnp_dtype, c.jnp_param_dtype)
 
-    def __call__(self, embeds, positions, mask, cache=None):
+    def __call__(self, embeds, positions, mask, cache=None, pack_index=None):
         """Runs the blocks over input embeddings.
 
         Args:
@@ -134,6 +139,9 @@ class TextModel(nn.Module):
           positions: [B, T] int32, or [3, B, T] int32 for mRoPE.
           mask: [B, T, S] bool attention mask.
           cache: optional KVCache; the chunk is written at cache.end_index.
+          pack_index: optional [N] int32 flat positions (`models.packing`): the
+            position-wise work runs on those tokens only; the others (padding) get
+            hidden states 0 and zero keys / values.
 
         Returns:
           ([B, T, D] final-normed hidden states, updated cache or None).
@@ -141,14 +149,17 @@ class TextModel(nn.Module):
         c = self.config
         cos, sin = rope.rope_cos_sin(positions, c.head_dim, c.rope_theta, c.mrope_section)
         x = embeds
+        if pack_index is not None:
+            x, cos, sin = (packing.pack(t, pack_index) for t in (x, cos, sin))
         layer_caches = [None] * len(self.layers) if cache is None else zip(cache.keys, cache.values)
         updated = []
         for layer, kv in zip(self.layers, layer_caches):
-            x, kv = layer(x, cos, sin, mask, kv, None if cache is None else cache.end_index)
+            x, kv = layer(x, cos, sin, mask, kv, None if cache is None else cache.end_index, pack_index)
             updated.append(kv)
         if cache is not None:
             cache = cache.replace(keys=tuple(k for k, _ in updated), values=tuple(v for _, v in updated))
-        return self.norm(x), cache
+        x = self.norm(x)
+        return (x if pack_index is None else packing.unpack(x, pack_index, *embeds.shape[:2])), cache
 
 
 class DecoderLM(nn.Module):
@@ -181,7 +192,7 @@ class DecoderLM(nn.Module):
             logits = self.lm_head(hidden)
         return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
-    def __call__(self, tokens, positions, token_mask, cache=None, embeds=None, return_hidden=False):
+    def __call__(self, tokens, positions, token_mask, cache=None, embeds=None, return_hidden=False, pack_index=None):
         """Forward over a chunk.
 
         Args:
@@ -191,6 +202,8 @@ class DecoderLM(nn.Module):
           cache: optional KVCache to append the chunk to.
           embeds: optional [B, T, D] input embeddings replacing the token lookup.
           return_hidden: return final hidden states instead of logits.
+          pack_index: optional [N] int32, `packing.pack_index(token_mask, N)` with N >=
+            the real tokens: projections and MLPs run on the real tokens only.
 
         Returns:
           ([B, T, V] logits or [B, T, D] hidden states, updated cache or None).
@@ -205,7 +218,7 @@ class DecoderLM(nn.Module):
         else:
             key_mask = cache.write_mask(token_mask)
             mask = cache.attention_mask(key_mask, token_mask.shape[1])
-        hidden, new_cache = self.model(embeds, positions, mask, cache)
+        hidden, new_cache = self.model(embeds, positions, mask, cache, pack_index)
         if cache is not None:
             new_cache = new_cache.replace(key_mask=key_mask, end_index=cache.end_index + token_mask.shape[1])
         if return_hidden:

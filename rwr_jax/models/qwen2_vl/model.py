@@ -132,7 +132,7 @@ class VisionLanguageLM(DecoderLM):
         return jax.lax.stop_gradient(features) if self.freeze_vision else features
 
     def __call__(self, tokens, positions, token_mask, cache=None, images: VisionInputs | None = None,
-                 return_hidden=False, embeds=None):
+                 return_hidden=False, embeds=None, pack_index=None):
         """Forward over a chunk, with images scattered into its `<|image_pad|>` tokens.
 
         Args:
@@ -145,15 +145,18 @@ class VisionLanguageLM(DecoderLM):
           embeds: optional [B, T, D] input embeddings with image features already in
             place (the train step scatters features it encoded once); replaces both
             the token lookup and `images`.
+          pack_index: optional [N] int32 packed real tokens (`DecoderLM.__call__`).
 
         Returns:
           ([B, T, V] logits or [B, T, D] hidden states, updated cache or None).
         """
         if embeds is not None:
-            return super().__call__(tokens, positions, token_mask, cache, embeds=embeds, return_hidden=return_hidden)
+            return super().__call__(tokens, positions, token_mask, cache, embeds=embeds, return_hidden=return_hidden,
+                                    pack_index=pack_index)
         embeds = self.embed(tokens)
         if images is not None:
             features = self.encode_images(images)
             embeds = scatter_image_features(tokens, embeds, features, merged_token_mask(images, self.vision),
                                             self.image_token_id)
-        return super().__call__(tokens, positions, token_mask, cache, embeds=embeds, return_hidden=return_hidden)
+        return super().__call__(tokens, positions, token_mask, cache, embeds=embeds, return_hidden=return_hidden,
+                                pack_index=pack_index)
