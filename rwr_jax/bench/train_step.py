@@ -127,8 +127,8 @@ def ours_update(s: Setup, clock: common.Phases, as_trainer: bool = True) -> dict
     """One `train_step` (the state is donated and replaced); returns loss, grad_norm, kl.
 
     as_trainer: each prompt runs once for its group, the completions padding-free and the
-    LM head on loss tokens only, as the trainer runs it; False: a full forward pass per row and the head on every
-    completion position, as the reference does.
+    LM head on loss tokens only, as the trainer runs it; False: a full forward pass per
+    row and the head on every completion position, as the reference does.
     """
     work = dict(prompt_group=GROUP, **packed_sizes(s.rows["loss_mask"], s.rows["token_mask"], NUM_MICRO_BATCHES,
                                                    LOGPROB_CHUNK)) if as_trainer else {}
@@ -270,10 +270,9 @@ def bench_train_step(shape: str, repeats: int = 3, report: Callable[[str], None]
     _, median, phases = common.time_interleaved(runs, repeats)
     torch_best = min((f"torch_{n}t" for n in torch_threads), key=median.get)
     lines = [
-        f"train_step_breakdown [{shape}]: ours update {median['ours'] * 1e3:.1f} ms (prompts once per group), "
+        f"train_step_breakdown [{shape}]: ours update {median['ours'] * 1e3:.1f} ms (as the trainer runs it), "
         f"{median['ours_per_row'] * 1e3:.1f} ms (a full forward per row, head on every position); ours forward-only "
-        f"log-probs "
-        f"(the reference model's share of an update) {median['ours_reference_forward'] * 1e3:.1f} ms | "
+        f"log-probs (the reference model's share of an update) {median['ours_reference_forward'] * 1e3:.1f} ms | "
         f"{torch_best}: " + " | ".join(f"{p} {t * 1e3:.1f} ms" for p, t in phases[torch_best].items()),
         *_summaries(shape, s, median, torch_best, (first_clock.seconds["update"], compile_time[0]), check, repeats),
     ]
@@ -301,8 +300,8 @@ def _summaries(shape: str, s: Setup, median: dict[str, float], torch_best: str, 
             f"{NUM_MICRO_BATCHES}, log-prob chunk {LOGPROB_CHUNK}, ours on XLA's default CPU pool; median of "
             f"{repeats}; ours runs each prompt once for its {GROUP} completions, the completions padding-free "
             f"and the LM head on loss tokens only ({sizes}); with a full forward per row and the head on every "
-            f"position "
-            f"{tokens / median['ours_per_row']:.1f} tokens/s = {median[torch_best] / median['ours_per_row']:.2f}x; "
+            f"position {tokens / median['ours_per_row']:.1f} tokens/s = "
+            f"{median[torch_best] / median['ours_per_row']:.2f}x; "
             f"ours first call {first_call[0]:.2f} s, of which trace + lower + XLA compile "
             f"{first_call[1]:.2f} s, vs median {median['ours']:.3f} s; all torch: {others}; {check}"),
         common.summary(

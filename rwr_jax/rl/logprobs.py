@@ -97,7 +97,7 @@ def masked_logprobs(model: nn.Module, params, hidden: jax.Array, targets: jax.Ar
     The True positions are packed into one sequence (`models.packing`), scored by
     `chunked_logprobs` and scattered back, so padding and environment tokens
     (retrieved passages) cost no LM-head work. `num_tokens` is static: pass a bucketed
-    count (`token_bucket`) so batches of similar size share one compilation.
+    count (`packing.token_bucket`) so batches of similar size share one compilation.
 
     Args:
       model, params: as in `chunked_logprobs`.
@@ -118,20 +118,6 @@ def masked_logprobs(model: nn.Module, params, hidden: jax.Array, targets: jax.Ar
     poison = jnp.where(jnp.sum(mask) > num_tokens, jnp.nan, 1.0)  # NaN values and gradients on overflow
     stats = tuple(packing.unpack(x, index, *mask.shape) * poison for x in (stats if return_entropy else (stats,)))
     return stats if return_entropy else stats[0]
-
-
-def token_bucket(count: int, granule: int) -> int:
-    """A static size >= count for `masked_logprobs`, from few distinct values.
-
-    Below `granule` (the LM-head chunk) the next power of two; above it a multiple of
-    max(granule, 2 ** (k - 2)) for 2 ** k <= count: at most 4 sizes per octave, and
-    never more padding than chunking adds anyway.
-    """
-    count = max(int(count), 1)
-    if count <= granule:
-        return 1 << (count - 1).bit_length()
-    step = max(granule, 1 << (count.bit_length() - 3))
-    return -(-count // step) * step
 
 
 def token_logprobs(model: nn.Module, params, tokens: jax.Array, positions: jax.Array, token_mask: jax.Array,

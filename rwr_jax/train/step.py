@@ -242,7 +242,7 @@ def packed_sizes(loss_mask: np.ndarray, token_mask: np.ndarray, num_micro_batche
       loss_mask: [B, C] bool.
       token_mask: [B, P + C] bool.
       num_micro_batches: m.
-      chunk_size: the LM-head chunk (the bucket granule, `logprobs.token_bucket`).
+      chunk_size: the LM-head chunk (the bucket granule, `packing.token_bucket`).
 
     Returns:
       {"loss_tokens": N, "completion_tokens": M}: the largest micro-batch's count of
@@ -253,7 +253,7 @@ def packed_sizes(loss_mask: np.ndarray, token_mask: np.ndarray, num_micro_batche
     limit = loss_mask.size // num_micro_batches
 
     def bucket(mask):
-        return min(logprobs_lib.token_bucket(int(mask.reshape(num_micro_batches, -1).sum(axis=1).max()), chunk_size),
+        return min(packing.token_bucket(int(mask.reshape(num_micro_batches, -1).sum(axis=1).max()), chunk_size),
                    limit)
 
     return {"loss_tokens": bucket(loss_mask), "completion_tokens": bucket(completion_mask)}

@@ -31,6 +31,14 @@ def test_pack_unpack_round_trip():
     np.testing.assert_array_equal(packing.unpack(packed, index, 2, 3), jnp.where(mask[..., None], x, 0))
 
 
+def test_token_bucket():
+    assert [packing.token_bucket(n, 512) for n in (0, 1, 3, 100, 512)] == [1, 1, 4, 128, 512]
+    # Above the chunk: multiples of max(chunk, 2 ** k / 4), at most 4 sizes per octave.
+    assert [packing.token_bucket(n, 512) for n in (513, 1444, 2048, 2049, 30000)] == [1024, 1536, 2048, 2560,
+                                                                                          32768]
+    assert packing.token_bucket(1444, 64) == 1536
+
+
 def _setup(name, seed=0):
     """Rows with left padding (prompts) and right padding (completions): T = 9."""
     config = CONFIGS[name]

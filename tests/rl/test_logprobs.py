@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rwr_jax.models import packing
 from rwr_jax.models.qwen2_vl import vision
 from rwr_jax.models.qwen2_vl.config import DecoderConfig
 from rwr_jax.models.qwen2_vl.decoder import DecoderLM
@@ -146,7 +147,7 @@ def test_masked_logprobs_score_only_the_masked_positions():
         return lambda p, h: sum(jnp.sum(w * x) for w, x in zip((weights, 0.1), fn(p, h)))
 
     run = jax.jit(masked, static_argnums=2)
-    for num_tokens in (count, logprobs_lib.token_bucket(count, 4)):
+    for num_tokens in (count, packing.token_bucket(count, 4)):
         for ours, expected in zip(run(params, hidden, num_tokens), full(params, hidden)):
             np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=0, err_msg=f"N {num_tokens}")
     grads = jax.jit(jax.grad(objective(lambda p, h: masked(p, h, count + 3)), argnums=(0, 1)))(params, hidden)
@@ -157,14 +158,6 @@ def test_masked_logprobs_score_only_the_masked_positions():
                                                                       num_tokens=count, chunk_size=64))(params)
     assert [s for s in _shapes_in(one_chunk.jaxpr) if s[-1:] == (V,)] == [(1, count, V)]  # the head's only logits
     assert all(bool(jnp.isnan(x).all()) for x in run(params, hidden, count - 1))
-
-
-def test_token_bucket():
-    assert [logprobs_lib.token_bucket(n, 512) for n in (0, 1, 3, 100, 512)] == [1, 1, 4, 128, 512]
-    # Above the chunk: multiples of max(chunk, 2 ** k / 4), at most 4 sizes per octave.
-    assert [logprobs_lib.token_bucket(n, 512) for n in (513, 1444, 2048, 2049, 30000)] == [1024, 1536, 2048, 2560,
-                                                                                          32768]
-    assert logprobs_lib.token_bucket(1444, 64) == 1536
 
 
 def _shapes_in(jaxpr):
