@@ -26,7 +26,8 @@ def _faults(mode: str) -> tuple[str, int]:
     return applied, int(faults)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="keep_freed_memory sets glibc mallopt parameters: Linux only (False elsewhere)")
 def test_kept_memory_is_reused_without_page_faults():
     pages = (64 << 20) // 4096
     applied, kept = _faults("keep")
