@@ -6,8 +6,9 @@ Ours: the jitted `rwr_jax.train.step.train_step` (policy log-probs with entropie
 reference log-probs, "dapo" loss with k3 KL at beta 0.001 and clip 0.2 as in
 configs/common.py, gradients, AdamW + global-norm clip 1.0 from `make_optimizer`), with
 each prompt run once for its group of completions, the completions' projections and
-MLPs on their real tokens only and the LM head on loss tokens only, as the trainer runs
-it (`prompt_group`, `packed_sizes`), and also with a full forward pass per row and the
+MLPs on their real tokens only and the LM head on loss tokens only, its backward pass
+fused into its forward pass (`rl.head_loss`), as the trainer runs it (`prompt_group`,
+`packed_sizes`), and also with a full forward pass per row and the
 head on every completion position (the reference's work).
 Reference: the same update written plainly in PyTorch on the same `Qwen2ForCausalLM`
 (`logits_to_keep` completion logits, logsumexp log-probs, the same clipped ratio and
@@ -299,7 +300,8 @@ def _summaries(shape: str, s: Setup, median: dict[str, float], torch_best: str, 
             f"{LOSS.loss_type} beta {LOSS.beta} k3, AdamW + clip {OPTIMIZER.max_grad_norm}, fp32, micro-batches "
             f"{NUM_MICRO_BATCHES}, log-prob chunk {LOGPROB_CHUNK}, ours on XLA's default CPU pool; median of "
             f"{repeats}; ours runs each prompt once for its {GROUP} completions, the completions padding-free "
-            f"and the LM head on loss tokens only ({sizes}); with a full forward per row and the head on every "
+            f"and the LM head on loss tokens only, fused with its backward pass ({sizes}); with a full forward "
+            f"per row and the head on every "
             f"position {tokens / median['ours_per_row']:.1f} tokens/s = "
             f"{median[torch_best] / median['ours_per_row']:.2f}x; "
             f"ours first call {first_call[0]:.2f} s, of which trace + lower + XLA compile "

@@ -20,6 +20,7 @@ import optax
 from rwr_jax.models import packing
 from rwr_jax.models.qwen2_vl import decoder
 from rwr_jax.models.qwen2_vl.model import VisionLanguageLM
+from rwr_jax.rl import head_loss
 from rwr_jax.rl import logprobs as logprobs_lib
 from rwr_jax.rl import losses
 
@@ -83,14 +84,11 @@ def _embeds(model, params, tokens, feature_index, features):
     return jnp.where((feature_index >= 0)[..., None], picked, embeds)
 
 
-def _completion_logprobs(model, params, micro, features, prompt_length, chunk_size, prompt_group, loss_tokens,
-                         completion_tokens, entropy=False):
-    """[B, C] log-probs (and entropies) of the completion tokens of a micro-batch.
+def _completion_hidden(model, params, micro, features, prompt_length, prompt_group, completion_tokens):
+    """[B, C, D] final hidden states predicting the completion tokens of a micro-batch.
 
-    With loss_tokens = N, the LM head runs on the loss tokens only (N >= their count,
-    see `packed_sizes`); other positions hold 0. With completion_tokens = M, the
-    completions' projections and MLPs run on their M >= real tokens only (padding-free,
-    `models.packing`).
+    With completion_tokens = M, the completions' projections and MLPs run on their M >=
+    real tokens only (padding-free, `models.packing`).
 
     With prompt_group = g > 1, rows b * g ... b * g + g - 1 share one prompt: it runs
     once (a prefill into a KV cache), the cache is repeated for its g completions, and
@@ -100,31 +98,41 @@ def _completion_logprobs(model, params, micro, features, prompt_length, chunk_si
     """
     tokens, mask, positions, index = (micro[name] for name in ("tokens", "token_mask", "positions",
                                                               "image_feature_index"))
-    completion = tokens[:, prompt_length:]
     if prompt_group == 1 and completion_tokens is None:
         hidden, _ = model.apply({"params": params}, tokens, positions, mask,
                                 embeds=_embeds(model, params, tokens, index, features), return_hidden=True)
-        hidden = hidden[:, prompt_length - 1:-1]
-    else:
-        def prompt_rows(x, axis=0):  # the first row of every group, prompt positions only
-            return jax.lax.slice_in_dim(x, 0, None, prompt_group, axis)[..., :prompt_length]
+        return hidden[:, prompt_length - 1:-1]
 
-        prompt = prompt_rows(tokens)
-        cache = decoder.init_cache(model.config, batch=prompt.shape[0], max_length=tokens.shape[1])
-        prompt_hidden, cache = model.apply(
-            {"params": params}, prompt, prompt_rows(positions, positions.ndim - 2), prompt_rows(mask), cache,
-            embeds=_embeds(model, params, prompt, prompt_rows(index), features), return_hidden=True)
-        completion_mask = mask[:, prompt_length:]
-        pack_index = None if completion_tokens is None else packing.pack_index(completion_mask, completion_tokens)
-        hidden, _ = model.apply(
-            {"params": params}, completion, positions[..., prompt_length:], completion_mask,
-            cache.repeat_rows(prompt_group), embeds=_embeds(model, params, completion, index[:, prompt_length:],
-                                                            features), return_hidden=True, pack_index=pack_index)
-        if completion_tokens is not None:  # NaN values and gradients if some real token did not fit
-            hidden = hidden * jnp.where(jnp.sum(completion_mask) > completion_tokens, jnp.nan, 1.0)
-        # Completion token t is predicted at position P + t - 1: the prompt's last one for t = 0.
-        last = jnp.repeat(prompt_hidden[:, -1:], prompt_group, axis=0)
-        hidden = jnp.concatenate([last, hidden[:, :-1]], axis=1)
+    def prompt_rows(x, axis=0):  # the first row of every group, prompt positions only
+        return jax.lax.slice_in_dim(x, 0, None, prompt_group, axis)[..., :prompt_length]
+
+    prompt, completion = prompt_rows(tokens), tokens[:, prompt_length:]
+    cache = decoder.init_cache(model.config, batch=prompt.shape[0], max_length=tokens.shape[1])
+    prompt_hidden, cache = model.apply(
+        {"params": params}, prompt, prompt_rows(positions, positions.ndim - 2), prompt_rows(mask), cache,
+        embeds=_embeds(model, params, prompt, prompt_rows(index), features), return_hidden=True)
+    completion_mask = mask[:, prompt_length:]
+    pack_index = None if completion_tokens is None else packing.pack_index(completion_mask, completion_tokens)
+    hidden, _ = model.apply(
+        {"params": params}, completion, positions[..., prompt_length:], completion_mask,
+        cache.repeat_rows(prompt_group), embeds=_embeds(model, params, completion, index[:, prompt_length:],
+                                                        features), return_hidden=True, pack_index=pack_index)
+    if completion_tokens is not None:  # NaN values and gradients if some real token did not fit
+        hidden = hidden * jnp.where(jnp.sum(completion_mask) > completion_tokens, jnp.nan, 1.0)
+    # Completion token t is predicted at position P + t - 1: the prompt's last one for t = 0.
+    last = jnp.repeat(prompt_hidden[:, -1:], prompt_group, axis=0)
+    return jnp.concatenate([last, hidden[:, :-1]], axis=1)
+
+
+def _completion_logprobs(model, params, micro, features, prompt_length, chunk_size, prompt_group, loss_tokens,
+                         completion_tokens, entropy=False):
+    """[B, C] log-probs (and entropies) of the completion tokens of a micro-batch.
+
+    With loss_tokens = N, the LM head runs on the loss tokens only (N >= their count,
+    see `packed_sizes`); other positions hold 0. Other arguments: `_completion_hidden`.
+    """
+    hidden = _completion_hidden(model, params, micro, features, prompt_length, prompt_group, completion_tokens)
+    completion = micro["tokens"][:, prompt_length:]
     if loss_tokens is None:
         return logprobs_lib.chunked_logprobs(model, params, hidden, completion, chunk_size=chunk_size,
                                              return_entropy=entropy)
@@ -167,7 +175,8 @@ def train_step(model, optimizer: optax.GradientTransformation, state: TrainState
         (tokens, mask, positions, images: G completions of a prompt, see
         `shared_prompt_group`); each prompt then runs once, not g times. 1 = no sharing.
       loss_tokens: N >= the loss tokens of every micro-batch (`packed_sizes`): the
-        LM head runs on those only, not on padding or retrieved text. None = on every
+        LM head runs on those only, not on padding or retrieved text, its backward
+        pass fused into its forward pass (`rl.head_loss`). None = on every
         completion position. A too-small N makes the update non-finite (skipped).
       completion_tokens: M >= the real completion tokens of every micro-batch
         (`packed_sizes`): the completions' position-wise work runs on those only (the
@@ -189,14 +198,26 @@ def train_step(model, optimizer: optax.GradientTransformation, state: TrainState
     ref_features = None if loss_config.beta == 0 else _image_features(model, ref_params, batch.images)
 
     def loss_fn(params, micro):
-        logp, entropy = _completion_logprobs(model, params, micro, features, prompt_length, chunk_size, prompt_group,
-                                              loss_tokens, completion_tokens, entropy=True)
         ref = None
         if loss_config.beta > 0:
             ref = jax.lax.stop_gradient(_completion_logprobs(model, ref_params, micro, ref_features, prompt_length,
                                                              chunk_size, prompt_group, loss_tokens,
                                                              completion_tokens))
-        terms = losses.policy_loss(logp, micro["loss_mask"], micro["advantages"], loss_config, ref_logprobs=ref)
+
+        def policy_loss(logp):
+            return losses.policy_loss(logp, micro["loss_mask"], micro["advantages"], loss_config, ref_logprobs=ref)
+
+        if loss_tokens is None:
+            logp, entropy = _completion_logprobs(model, params, micro, features, prompt_length, chunk_size,
+                                                  prompt_group, None, completion_tokens, entropy=True)
+            terms = policy_loss(logp)
+        else:  # the LM head's backward pass fused into its forward pass (rl/head_loss.py)
+            hidden = _completion_hidden(model, params, micro, features, prompt_length, prompt_group,
+                                        completion_tokens)
+            numerator, logp, entropy = head_loss.fused_head_loss(
+                model, params, hidden, micro["tokens"][:, prompt_length:], micro["loss_mask"],
+                lambda x: policy_loss(x).numerator, num_tokens=loss_tokens, chunk_size=chunk_size)
+            terms = policy_loss(logp)._replace(numerator=numerator)
         metrics = losses.loss_diagnostics(logp, micro["loss_mask"], micro["advantages"], loss_config,
                                           ref_logprobs=ref, entropies=entropy)
         mask = micro["loss_mask"]

@@ -192,6 +192,15 @@ class DecoderLM(nn.Module):
             logits = self.lm_head(hidden)
         return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
+    def head_kernel(self) -> jax.Array:
+        """[D, V] the LM head's weight in the compute dtype (the embedding's transpose when
+        tied): `logits(h)` is `h @ head_kernel()`, for code that runs the head itself."""
+        if self.config.tie_word_embeddings:
+            kernel = self.model.embed_tokens.embedding.T
+        else:
+            kernel = self.lm_head.variables["params"]["kernel"]
+        return nn.meta.unbox(kernel).astype(self.config.jnp_dtype)
+
     def __call__(self, tokens, positions, token_mask, cache=None, embeds=None, return_hidden=False, pack_index=None):
         """Forward over a chunk.
 
