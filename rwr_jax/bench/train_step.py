@@ -273,7 +273,8 @@ def bench_train_step(shape: str, repeats: int = 3, report: Callable[[str], None]
     lines = [
         f"train_step_breakdown [{shape}]: ours update {median['ours'] * 1e3:.1f} ms (as the trainer runs it), "
         f"{median['ours_per_row'] * 1e3:.1f} ms (a full forward per row, head on every position); ours forward-only "
-        f"log-probs (the reference model's share of an update) {median['ours_reference_forward'] * 1e3:.1f} ms | "
+        f"log-probs, a full forward per row (the reference model's share of the per-row update) "
+        f"{median['ours_reference_forward'] * 1e3:.1f} ms | "
         f"{torch_best}: " + " | ".join(f"{p} {t * 1e3:.1f} ms" for p, t in phases[torch_best].items()),
         *_summaries(shape, s, median, torch_best, (first_clock.seconds["update"], compile_time[0]), check, repeats),
     ]
