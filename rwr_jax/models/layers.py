@@ -59,3 +59,16 @@ class Projection(nn.Module):
             bias_init = logical_init(nn.initializers.zeros_init(), self.bias_axes)
             y = y + self.param("bias", bias_init, bias_shape, self.param_dtype).astype(self.dtype)
         return y
+
+
+class Kernel(nn.Module):
+    """A weight matrix on its own, for ops that take several layers' weights at once
+    (`swiglu`); its param path ("<name>/kernel") is that of an `nn.Dense` of this name."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        return self.param("kernel", logical_init(DEFAULT_INIT, self.axes), self.shape, self.param_dtype)

@@ -12,8 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rwr_jax.models import attention, kv_cache, packing, rope
-from rwr_jax.models.layers import DEFAULT_INIT, Projection, RMSNorm, logical_init
+from rwr_jax.models import attention, kv_cache, packing, rope, swiglu
+from rwr_jax.models.layers import DEFAULT_INIT, Kernel, Projection, RMSNorm, logical_init
 from rwr_jax.models.qwen2_vl.config import DecoderConfig
 
 _ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
@@ -72,7 +72,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)) (`models.swiglu`)."""
 
     config: DecoderConfig
 
@@ -81,15 +81,13 @@ class MLP(nn.Module):
         """[B, T, D] -> [B, T, D]."""
         c = self.config
 
-        def dense(features: int, axes: tuple[str, str], name: str) -> nn.Dense:
-            return nn.Dense(features, use_bias=False, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype,
-                            kernel_init=logical_init(DEFAULT_INIT, axes), name=name)
+        def kernel(shape: tuple[int, int], axes: tuple[str, str], name: str) -> jax.Array:
+            return Kernel(shape, axes, c.jnp_param_dtype, name=name)().astype(c.jnp_dtype)
 
-        gate = dense(c.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
-        up = dense(c.intermediate_size, ("embed", "mlp"), "up_proj")(x)
-        hidden = nn.with_logical_constraint(
-            nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
-        return dense(c.hidden_size, ("mlp", "embed"), "down_proj")(hidden)
+        width, features = c.hidden_size, c.intermediate_size
+        return swiglu.swiglu(x.astype(c.jnp_dtype), kernel((width, features), ("embed", "mlp"), "gate_proj"),
+                             kernel((width, features), ("embed", "mlp"), "up_proj"),
+                             kernel((features, width), ("mlp", "embed"), "down_proj"))
 
 
 class DecoderLayer(nn.Module):
