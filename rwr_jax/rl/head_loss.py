@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from rwr_jax.models import packing
+from rwr_jax.rl import logprobs
 
 
 def fused_head_loss(model: nn.Module, params, hidden: jax.Array, targets: jax.Array, mask: jax.Array, loss_fn, *,
@@ -72,14 +73,9 @@ def fused_head_loss(model: nn.Module, params, hidden: jax.Array, targets: jax.Ar
     def one_chunk(kernel_grad, xs):
         h, t, slots = xs
         logits, head_vjp = jax.vjp(jnp.dot, h.astype(weight.dtype), weight)
-        logits = logits.astype(jnp.float32)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        t = jnp.clip(t, 0, logits.shape[-1] - 1)
-        logp = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0] - lse
-        probs = jnp.exp(logits - lse[:, None])
-        entropy = lse - jnp.sum(probs * logits, axis=-1)
+        logp, entropy, probs = logprobs.softmax_stats(logits, t)
         g = loss_derivative(logp, slots)
-        dlogits = (-g[:, None] * probs).at[jnp.arange(chunk), t].add(g)
+        dlogits = (-g[:, None] * probs).at[jnp.arange(chunk), jnp.clip(t, 0, probs.shape[-1] - 1)].add(g)
         h_grad, w_grad = head_vjp(dlogits.astype(weight.dtype))
         return kernel_grad + w_grad.astype(jnp.float32), (logp, entropy, h_grad)
 

@@ -37,16 +37,14 @@ def hidden_states(model: nn.Module, params, tokens: jax.Array, positions: jax.Ar
     return hidden
 
 
-def _chunk_stats(logits: jax.Array, targets: jax.Array, return_entropy: bool) -> tuple[jax.Array, ...]:
-    """[B, c, V] logits, [B, c] targets -> ([B, c] log p(target)[, [B, c] entropy]), float32."""
+def softmax_stats(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """[..., V] logits, [...] int32 targets -> float32 (log p(target) [...], entropy [...], softmax [..., V])."""
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     targets = jnp.clip(targets, 0, logits.shape[-1] - 1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    if not return_entropy:
-        return (picked - lse,)
     probs = jnp.exp(logits - lse[..., None])
-    return picked - lse, lse - jnp.sum(probs * logits, axis=-1)
+    return picked - lse, lse - jnp.sum(probs * logits, axis=-1), probs
 
 
 def chunked_logprobs(model: nn.Module, params, hidden: jax.Array, targets: jax.Array, *, chunk_size: int,
@@ -83,7 +81,8 @@ def chunked_logprobs(model: nn.Module, params, hidden: jax.Array, targets: jax.A
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def one_chunk(args):
         h, t = args
-        return _chunk_stats(model.apply({"params": params}, h, method=type(model).logits), t, return_entropy)
+        stats = softmax_stats(model.apply({"params": params}, h, method=type(model).logits), t)
+        return stats[:2] if return_entropy else stats[:1]
 
     stats = jax.lax.map(one_chunk, (hidden, targets))
     stats = tuple(x.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :length] for x in stats)
