@@ -6,9 +6,10 @@ from rwr_jax import sharding
 
 
 def optimizer() -> ml_collections.ConfigDict:
-    """Med-RwR release settings: AdamW, lr 1e-6, cosine with 5 % warm-up, wd 0.1, clip 1.0."""
+    """Med-RwR release settings: AdamW, lr 1e-6, cosine with 5 % warm-up, wd 0.1, clip 1.0; a
+    non-finite update is skipped, the 10th in a row stops the run."""
     return ml_collections.ConfigDict(dict(learning_rate=1e-6, warmup_ratio=0.05, b1=0.9, b2=0.999, eps=1e-8,
-                                          weight_decay=0.1, max_grad_norm=1.0))
+                                          weight_decay=0.1, max_grad_norm=1.0, max_consecutive_nonfinite=10))
 
 
 def rollout(group_size: int = 8, max_rounds: int = 3, tokens_per_round: int = 4096,

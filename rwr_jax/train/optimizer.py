@@ -3,6 +3,7 @@ weight decay on matrices only, frozen parameters untouched, non-finite updates s
 """
 
 import dataclasses
+import math
 
 import jax
 import optax
@@ -44,8 +45,9 @@ class OptimizerConfig:
 
 
 def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
-    """Linear warm-up from 0 to the peak, then cosine decay to 0 at total_steps."""
-    warmup = int(round(config.warmup_ratio * config.total_steps))
+    """Linear warm-up from 0 to the peak over ceil(warmup_ratio * total_steps) steps (as
+    Hugging Face's Trainer counts them), then cosine decay to 0 at total_steps."""
+    warmup = math.ceil(config.warmup_ratio * config.total_steps)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
         decay_steps=max(config.total_steps, warmup + 1), end_value=0.0)

@@ -16,6 +16,7 @@ import os
 import time
 from typing import Any, Callable
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -269,8 +270,11 @@ def train(cfg, workdir: str, *, stop_after: int | None = None) -> TrainState:
                            cfg.train.logprob_chunk))
         ran += 1
         metrics.update({f"train/{k}": float(v) for k, v in step_metrics.items()})
-        if not np.isfinite(metrics["train/loss"]):
-            raise FloatingPointError(f"non-finite loss at step {step + 1}")
+        skipped = int(state.opt_state.notfinite_count)  # non-finite updates in a row, skipped (params kept)
+        if skipped:
+            logging.warning("step %d: non-finite loss or gradients (loss %s); update skipped, %d in a row (the run "
+                            "stops at optimizer.max_consecutive_nonfinite=%d)", step + 1, metrics["train/loss"],
+                            skipped, cfg.optimizer.max_consecutive_nonfinite)
         elapsed = time.perf_counter() - clock
         metrics["perf/steps_per_s"] = ran / elapsed
         metrics["perf/eta_s"] = (cfg.total_steps - step - 1) * elapsed / ran
@@ -278,8 +282,16 @@ def train(cfg, workdir: str, *, stop_after: int | None = None) -> TrainState:
             writer.write_scalars(step + 1, metrics)
         if (step + 1) % cfg.sample_every == 0:
             writer.write_texts(step + 1, {"sample": sample})
+        give_up = skipped >= cfg.optimizer.max_consecutive_nonfinite
         checkpoint.save(manager, step + 1, state, iterator, {"elapsed_s": elapsed},
-                        force=step + 1 == cfg.total_steps)
+                        force=step + 1 == cfg.total_steps or give_up)
+        if give_up:
+            manager.wait_until_finished()
+            writer.close()
+            raise FloatingPointError(
+                f"steps {step + 2 - skipped}-{step + 1}: {skipped} non-finite updates in a row "
+                f"(optimizer.max_consecutive_nonfinite={cfg.optimizer.max_consecutive_nonfinite}); the checkpoint "
+                f"of step {step + 1} in {manager.directory} holds the last finite parameters")
     manager.wait_until_finished()
     writer.close()
     if int(state.step) == cfg.total_steps and cfg.export_hf:

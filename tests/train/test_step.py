@@ -164,6 +164,12 @@ def test_frozen_params_do_not_move_and_schedule_warms_up():
     assert float(jnp.abs(moved).max()) > 0
 
 
+def test_warmup_steps_round_up_as_transformers_counts_them():
+    schedule = optimizer_lib.learning_rate_schedule(
+        optimizer_lib.OptimizerConfig(learning_rate=1.0, total_steps=50, warmup_ratio=0.05))  # 2.5 -> 3 steps
+    assert float(schedule(2)) == pytest.approx(2 / 3) and float(schedule(3)) == pytest.approx(1.0)
+
+
 def test_nonfinite_update_is_skipped_and_counted():
     model, params, batch = _setup()
     batch = batch.replace(advantages=batch.advantages.at[0].set(jnp.nan))

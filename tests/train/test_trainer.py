@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -64,6 +65,29 @@ def test_resume_is_bitwise_identical(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     for a, b in zip(jax.tree_util.tree_leaves(resumed.opt_state), jax.tree_util.tree_leaves(straight.opt_state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+def test_nonfinite_updates_are_skipped_and_too_many_in_a_row_stop_the_run(tmp_path, monkeypatch):
+    """Every update poisoned (NaN advantages): each is skipped (params stay the initial
+    ones) and counted; the max_consecutive_nonfinite-th in a row, here after a resume,
+    checkpoints and stops the run."""
+    experience = trainer.experience
+
+    def poisoned(*args, **kwargs):
+        batch, metrics, sample = experience(*args, **kwargs)
+        return batch.replace(advantages=jnp.full_like(batch.advantages, jnp.nan)), metrics, sample
+
+    monkeypatch.setattr(trainer, "experience", poisoned)
+    workdir = str(tmp_path)
+    state = trainer.train(_config(2, optimizer__max_consecutive_nonfinite=3), workdir)
+    assert int(state.step) == 2 and int(state.opt_state.notfinite_count) == 2
+    initial = trainer.build(_config(2), str(tmp_path / "initial")).initial_params
+    for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(initial)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(FloatingPointError, match=r"steps 1-3: 3 non-finite updates in a row"):
+        trainer.train(_config(4, optimizer__max_consecutive_nonfinite=3), workdir)
+    assert os.path.isdir(tmp_path / "checkpoints" / "3")  # saved although not due (save_every=3 in the demo)
 
 
 def test_stage_configs_build():
