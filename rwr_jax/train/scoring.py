@@ -21,24 +21,29 @@ from rwr_jax.rollout.trajectory import Trajectory
 from rwr_jax.train.step import TrainBatch
 
 
-def image_feature_index(prompt_tokens: np.ndarray, total_length: int, image_token_id: int) -> np.ndarray:
-    """[B, L] int32: each `<|image_pad|>` token's rank among the batch's distinct
-    prompts' image tokens (rows of a group repeat their prompt's ranks), -1 elsewhere.
+def image_feature_index(prompt_tokens: np.ndarray, total_length: int, image_token_id: int,
+                        group_size: int) -> np.ndarray:
+    """[B, L] int32: each `<|image_pad|>` token's rank among the image tokens of the
+    batch's P = B / G prompts (the G rows of a group repeat their prompt's ranks), -1
+    elsewhere.
 
     Args:
-      prompt_tokens: [B, T] prompts; consecutive identical prompts form a group.
+      prompt_tokens: [B, T] prompts; rows p * G ... p * G + G - 1 repeat prompt p.
       total_length: L = T + C, the full sequence length.
       image_token_id: id of `<|image_pad|>`.
+      group_size: G.
     """
+    batch, length = prompt_tokens.shape
+    if group_size < 1 or batch % group_size:
+        raise ValueError(f"group_size {group_size} must divide the {batch} rows")
+    grouped = prompt_tokens.reshape(-1, group_size, length)
+    if (grouped != grouped[:, :1]).any():
+        raise ValueError(f"the rows of a group (group_size {group_size}) must repeat one prompt")
     is_image = prompt_tokens == image_token_id
-    new_group = np.ones(len(prompt_tokens), bool)
-    new_group[1:] = (prompt_tokens[1:] != prompt_tokens[:-1]).any(axis=1)
-    counts = np.where(new_group, is_image.sum(axis=1), 0)
-    offsets = np.cumsum(counts) - counts  # image tokens of earlier groups
-    group_offset = offsets[np.maximum.accumulate(np.where(new_group, np.arange(len(counts)), 0))]
-    ranks = np.where(is_image, group_offset[:, None] + np.cumsum(is_image, axis=1) - 1, -1)
-    out = np.full((len(prompt_tokens), total_length), -1, np.int32)
-    out[:, :prompt_tokens.shape[1]] = ranks
+    counts = is_image[::group_size].sum(axis=1)
+    offsets = np.repeat(np.cumsum(counts) - counts, group_size)  # image tokens of earlier prompts
+    out = np.full((batch, total_length), -1, np.int32)
+    out[:, :length] = np.where(is_image, offsets[:, None] + np.cumsum(is_image, axis=1) - 1, -1)
     return out
 
 
@@ -100,7 +105,8 @@ def make_train_batch(traj: Trajectory, total_rewards: jax.Array, advantage_confi
     advantages = advantages_lib.compute_advantages(total_rewards, advantage_config)
     feature_index = None
     if images is not None:
-        feature_index = jnp.asarray(image_feature_index(traj.prompt_tokens, tokens.shape[1], image_token_id))
+        feature_index = jnp.asarray(image_feature_index(traj.prompt_tokens, tokens.shape[1], image_token_id,
+                                                        advantage_config.group_size))
     return TrainBatch(tokens=jnp.asarray(tokens), token_mask=jnp.asarray(mask), positions=jnp.asarray(positions),
                       loss_mask=jnp.asarray(traj.loss_mask), advantages=advantages.astype(jnp.float32),
                       sampler_logprobs=jnp.asarray(traj.logprobs), images=images,

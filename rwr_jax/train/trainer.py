@@ -206,7 +206,7 @@ def experience(cfg, c: Components, params, batch, key):
     image_id = getattr(c.model_config, "image_token_id", None)
     if "confidence_gain" in names:
         index = None if features is None else jnp.asarray(scoring.image_feature_index(
-            traj.prompt_tokens, traj.prompt_tokens.shape[1] + traj.tokens.shape[1], image_id))
+            traj.prompt_tokens, traj.prompt_tokens.shape[1] + traj.tokens.shape[1], image_id, g))
         embed_fn = lambda p, tokens: _embeds(c.model, p, tokens, index, features)  # noqa: E731
         inputs.update(scoring.confidence_inputs(c.model, params, traj, parsed, *c.letter_ids, embed_fn))
     total, per_reward = rewards.combine_rewards(names, weights, parsed, inputs)
