@@ -240,7 +240,7 @@ def rollout(model, params, prompts: PromptBatch, tokenizer, retrieve: Retrieve, 
         chunk_mask = np.zeros((batch, chunk), bool)
         env_count = np.zeros((batch,), np.int32)
         for b, ids, found in zip(searchable, blocks, results):
-            if length[b] + len(ids) > capacity:
+            if length[b] + len(ids) >= capacity:  # no slot left for the model after the block
                 finish[b] = FINISH_REASONS_INDEX["total_budget"]
                 continue
             queries[b].append(round_queries[b])

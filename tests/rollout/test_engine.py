@@ -131,6 +131,20 @@ def test_total_budget_stops_rows():
     assert "total_budget" in traj.finish_reason_names()
 
 
+def test_a_block_that_leaves_the_model_no_slot_is_not_appended(rolled):
+    """A retrieved block that would fill the completion exactly ends the row instead (the
+    model's next token would overwrite the block's last one)."""
+    _, _, _, traj = rolled
+    row = next(b for b in range(len(traj.length)) if (traj.source[b] == sampler.SOURCE_ENV).any())
+    env = traj.source[row] == sampler.SOURCE_ENV
+    pause = int(np.argmax(env))
+    block_end = pause + int(np.argmin(env[pause:]))  # the first block's end
+    _, _, _, cut = _rollout(seed=0, mrope=traj.prompt_positions.ndim == 3, max_completion_length=block_end)
+    assert (cut.length <= block_end).all()
+    assert cut.length[row] == pause and cut.finish_reason_names()[row] == "total_budget"
+    assert not (cut.source[row] == sampler.SOURCE_ENV).any()
+
+
 def test_group_rows_share_the_prompt(rolled):
     _, _, _, traj = rolled
     g = 4
