@@ -7,14 +7,16 @@ round budget). Rows paused at `</query>` go back to the host together: their que
 are parsed from the tokens they wrote this round, searched in one call, and each
 row's `<retrieve> (1) …\\n(2) …\\n(3) …\\n </retrieve>` block is tokenised once and
 appended to the KV cache with one jitted chunked prefill ("extend"), at the positions
-that continue the row's text. Sampled tokens are never re-tokenised; the loss mask
-and block kinds come from who wrote each token.
+that continue the row's text. Sampled tokens are never re-tokenised (but a round's
+text ends at its first `</query>`: a last token running past it is cut there, see
+`_cut_after_query`); the loss mask and block kinds come from who wrote each token.
 """
 
 import dataclasses
 import functools
 from typing import Callable, Sequence
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,6 +162,42 @@ def _round_text(tokenizer, tokens: np.ndarray, source: np.ndarray, start: int, e
     return tokenizer.decode(ids.tolist(), skip_special_tokens=False)
 
 
+def _cut_after_query(state: sampler.DecodeState, tokens: np.ndarray, length: np.ndarray, texts: dict[int, str],
+                     tokenizer, temperature: float) -> sampler.DecodeState:
+    """Ends each paused row's text at its first `</query>` (METHOD.md, Rollout).
+
+    The token that completes the tag may carry more text (Qwen writes `</query><retrieve>`
+    as ' </', 'query', '><', ...): that last token is replaced, in the state and in
+    `tokens` (host copy, updated in place), by the token of its text up to the tag's end,
+    with that token's log-prob under the logits it was sampled from.
+
+    Args:
+      texts: paused row -> the model text it wrote this round (ending in that token).
+    """
+    cut = {}
+    for b, text in texts.items():
+        end = text.find(_QUERY_CLOSE)
+        excess = len(text) - end - len(_QUERY_CLOSE)
+        if end < 0 or excess <= 0:
+            continue
+        head = tokenizer.decode([int(tokens[b, length[b] - 1])], skip_special_tokens=False)[:-excess]
+        ids = tokenizer.encode(head, add_special_tokens=False)
+        if len(ids) == 1:
+            cut[b] = ids[0]
+        else:  # no such token in Qwen's vocabulary (every one that runs past the tag starts with '>')
+            logging.warning("row %d: %r runs past %s and %r is %d tokens; its text is kept whole", b,
+                            text[end:], _QUERY_CLOSE, head, len(ids))
+    if not cut:
+        return state
+    rows = np.fromiter(cut, np.int32)
+    ids, slots = np.fromiter(cut.values(), np.int32), length[rows] - 1
+    tokens[rows, slots] = ids
+    logits = state.logits[rows] / (temperature or 1.0)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)[np.arange(len(rows)), ids]
+    return state.replace(tokens=state.tokens.at[rows, slots].set(ids),
+                         logprobs=state.logprobs.at[rows, slots].set(logprobs))
+
+
 def _block_ids(tokenizer, passages: list[list[Passage]], limit: int) -> list[list[int]]:
     """Tokenises each row's retrieved block once, trimming passages to fit `limit` tokens."""
     blocks = []
@@ -226,9 +264,10 @@ def rollout(model, params, prompts: PromptBatch, tokenizer, retrieve: Retrieve, 
         finish = np.where(ran, reason, finish)
         if not len(paused):
             break
-        tokens, source = np.asarray(state.tokens), np.asarray(state.source)
-        round_queries = {b: parse_query(_round_text(tokenizer, tokens[b], source[b], round_start[b], length[b]))
-                         for b in paused}
+        tokens, source = np.array(state.tokens), np.asarray(state.source)  # tokens: a writable copy
+        texts = {b: _round_text(tokenizer, tokens[b], source[b], round_start[b], length[b]) for b in paused}
+        round_queries = {b: parse_query(text) for b, text in texts.items()}
+        state = _cut_after_query(state, tokens, length, texts, tokenizer, config.sampling.temperature)
         if round_index == config.max_rounds - 1:
             finish[paused] = FINISH_REASONS_INDEX["max_rounds"]
             break
