@@ -29,13 +29,17 @@ import flax.struct
 import numpy as np
 
 from rwr_jax.data import tokenizer as tokenizer_lib
-from rwr_jax.rollout import sampler, stop_strings
+from rwr_jax.rollout import engine, sampler, stop_strings
 
 KIND_NONE, KIND_THINK, KIND_QUERY, KIND_RETRIEVE, KIND_ANSWER, KIND_OTHER = range(6)
 LETTERS = "ABCDEFGHIJ"
 _MODEL_KINDS = {"think": KIND_THINK, "query": KIND_QUERY, "answer": KIND_ANSWER, "retrieve": KIND_OTHER}
 _TAG = re.compile(rb"<(/?)([A-Za-z][A-Za-z0-9_-]*)>")
 _ENV_TAGS = re.compile(r"^\s*<retrieve>|</retrieve>\s*$")
+# The text of each `</query>` / the first `</answer>` from the last opening tag before it,
+# whatever the blocks around it (METHOD.md: the answer is the first <answer>...</answer>).
+_QUERY_TEXT = re.compile(rb"<query>((?:(?!<query>).)*?)</query>", re.S)
+_ANSWER_TEXT = re.compile(rb"<answer>((?:(?!<answer>).)*?)</answer>", re.S)
 _GT_OPTION = re.compile(r"^\s*\(?([A-J])\)?(?:\s*[.:)]\s*(.*?))?\s*$", re.S)
 
 # English function words (our own list, in the spirit of the classic IR stop lists):
@@ -162,10 +166,12 @@ class RowParse:
       empty: per block, True if a closed legal block holds only whitespace.
       illegal_tag: a tag other than think/query/retrieve/answer in model text.
       triple_newline: three or more consecutive newlines in one model-written run.
-      answer: text of the first closed answer block, or None.
+      answer: text of the first `<answer>...</answer>` (from the last `<answer>` before
+        the first `</answer>`) in model text, inside a well-formed block or not; None if none.
       answer_token_index: completion index of the token holding the answer's first
         non-whitespace byte, -1 if none.
-      queries: text of each model-written query block.
+      queries: text of each `<query>...</query>` in model text (wherever written), as
+        searched: whitespace collapsed, surrounding quotes removed (`engine.clean_query`).
       passages: text of each retrieve block, its own tags removed.
       model_text: all model-written text (no environment text, no EOS).
     """
@@ -261,16 +267,18 @@ def _parse_model_run(row: RowParse, tokens: np.ndarray, start: int, end: int, ta
     blocks, illegal = _model_blocks(data)
     row.illegal_tag |= illegal
     for kind, lo, hi in blocks:
-        content = _decode(data[lo:hi])
         row.kinds.append(kind)
-        row.empty.append(kind != KIND_OTHER and not content.strip())
-        if kind == KIND_QUERY:
-            row.queries.append(content)
-        elif kind == KIND_ANSWER and row.answer is None:
-            row.answer = content
-            first = lo + len(data[lo:hi]) - len(data[lo:hi].lstrip())
-            if first < hi:
-                row.answer_token_index = int(index[np.searchsorted(ends, first, side="right")])
+        row.empty.append(kind != KIND_OTHER and not _decode(data[lo:hi]).strip())
+    # Query and answer texts come from their tags alone: a broken structure costs format
+    # points only (the engine searched every closed query, wherever it was written).
+    row.queries += [engine.clean_query(_decode(m.group(1))) for m in _QUERY_TEXT.finditer(data)]
+    answer = _ANSWER_TEXT.search(data) if row.answer is None else None
+    if answer is not None:
+        lo, hi = answer.span(1)
+        row.answer = _decode(data[lo:hi])
+        first = lo + len(data[lo:hi]) - len(data[lo:hi].lstrip())
+        if first < hi:
+            row.answer_token_index = int(index[np.searchsorted(ends, first, side="right")])
 
 
 def score_answer(answer: str | None, truth: GroundTruth) -> tuple[int, bool, bool]:
@@ -447,7 +455,7 @@ def parse_batch(trajectory, answers: Sequence[str], tables: TextTables, *,
 def visual_query_texts(row: RowParse) -> list[str]:
     """Texts the visual reward compares with the image: the non-empty queries, else the
     first sentence of the model text (tags removed), as METHOD.md decides."""
-    queries = [" ".join(q.split()) for q in row.queries if q.strip()]
+    queries = [q for q in row.queries if q]
     if queries:
         return queries
     text = " ".join(_TAG.sub(b" ", row.model_text.encode()).decode("utf-8", errors="replace").split())

@@ -66,8 +66,12 @@ def parse_query(text: str) -> str:
     start = text.rfind(_QUERY_OPEN, 0, end)
     if start < 0:
         return ""
-    query = " ".join(text[start + len(_QUERY_OPEN):end].split())
-    return query.strip("\"'“”‘’ ").strip()
+    return clean_query(text[start + len(_QUERY_OPEN):end])
+
+
+def clean_query(text: str) -> str:
+    """A query block's text as searched: whitespace collapsed, surrounding quotes removed."""
+    return " ".join(text.split()).strip("\"'“”‘’ ").strip()
 
 
 def format_retrieved(passages: Sequence[Passage]) -> str:

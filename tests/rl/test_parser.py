@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from rwr_jax.data import tokenizer as tokenizer_lib
-from rwr_jax.rl import parser
+from rwr_jax.rl import parser, rewards
 from rwr_jax.rollout import sampler
 
 GT = "B. Bacterial pneumonia"
@@ -94,6 +94,25 @@ def test_stray_text_unclosed_and_nested_blocks_are_other():
     assert [r.kinds for r in rows] == [[O, T, A], [T, A, O], [T, O], [O, A], [O, T, A], [T, O, A]]
     assert rows[2].answer is None and rows[2].answer_token_index == -1
     assert not any(r.illegal_tag for r in rows)
+
+
+def test_answer_and_query_texts_do_not_depend_on_the_structure():
+    """The answer is the first <answer>...</answer> and every closed query counts, inside
+    broken blocks too (only the format reward pays for the structure)."""
+    completions = [
+        [("m", "<think>It is bacterial. <answer>B. Bacterial pneumonia</answer>" + EOS)],  # </think> forgotten
+        [("m", "<think>maybe <answer>A</answer></think>" + ANSWER)],  # the first answer is "A"
+        [("m", "<think>x <query>bacterial pneumonia</query>"), ("e", PASSAGE), ("m", "</think>" + ANSWER)],
+        [("m", THINK + "<query> \"Bacterial\n pneumonia\" </query>"), ("e", PASSAGE), ("m", THINK + ANSWER)],
+    ]
+    rows = row(*completions)
+    assert [r.answer for r in rows] == ["B. Bacterial pneumonia", "A", "B. Bacterial pneumonia", "B. Bacterial pneumonia"]
+    assert [r.queries for r in rows] == [[], [], ["bacterial pneumonia"], ["Bacterial pneumonia"]]
+    assert rows[0].kinds == [O] and rows[2].kinds[0] == O
+    parsed = parse(*completions)
+    np.testing.assert_array_equal(rewards.accuracy_reward(parsed), [5.0, 0.0, 5.0, 5.0])
+    np.testing.assert_array_equal(rewards.format_reward(parsed), [0.0, 0.0, 0.0, 3.0])
+    np.testing.assert_array_equal(parsed.num_queries, [0, 0, 1, 1])
 
 
 def test_empty_blocks_and_triple_newlines():
