@@ -12,12 +12,14 @@ One row per line (METHOD.md, "Records"):
   dropped; when the row has no `answer`, the assistant turn's text is the answer.
 - `images` (optional, default `[]`): paths, relative to the jsonl file's directory or
   absolute; each must exist when `check_images` is on.
-- `answer`: with options known, "B. option text", "(B) option text" or "B" gives the
-  letter B and that option's text; the letter must be one of the options and a given
-  text must match the option (case, whitespace and a final period aside). Anything
-  else, and any answer of a row without options, is a free-text answer.
-- `options` (optional): a list (lettered A, B, ...) or a `{letter: text}` dict; when
-  absent, lines "A. text" of the question are the options, if there are two or more.
+- `answer`: with options known, "B. option text", "(B) option text", "b. option text"
+  or "B" gives the letter B and that option's text; the letter must be one of the
+  options and a given text must match the option (case, whitespace and a final period
+  aside); an answer equal to one option's text alone is that option. Anything else,
+  and any answer of a row without options, is a free-text answer.
+- `options` (optional): a list (lettered A, B, ...) or a `{letter: text}` dict, letters
+  A-J (the rewards read option letters A-J, METHOD.md); when absent, lines "A. text" of
+  the question are the options, if there are two or more.
 - `difficulty` (optional): a finite number, used by the curriculum sampler.
 
 `JsonlSource` indexes the byte range of every non-blank line once and parses rows on
@@ -40,9 +42,9 @@ from typing import Any
 from absl import logging
 import numpy as np
 
-_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-_LETTER_ANSWER = re.compile(r"^\s*\(?([A-Z])\s*(?:[.):]\s*(.*?)|\)?)\s*$", re.S)
-_OPTION_LINE = re.compile(r"^\s*\(?([A-Z])[.)]\s+(\S.*?)\s*$")
+_LETTERS = "ABCDEFGHIJ"
+_LETTER_ANSWER = re.compile(r"^\s*\(?([A-Za-z])\s*(?:[.):]\s*(.*?)|\)?)\s*$", re.S)
+_OPTION_LINE = re.compile(r"^\s*\(?([A-J])[.)]\s+(\S.*?)\s*$")
 _IMAGE_PLACEHOLDER = re.compile(r"<image>\s*")
 _MAX_LOGGED_SKIPS = 20
 
@@ -218,7 +220,7 @@ def _options(options, fail) -> dict[str, str]:
         fail("options", f"must be a list or a {{letter: text}} object, got {type(options).__name__}")
     for letter, text in options.items():
         if not (isinstance(letter, str) and len(letter) == 1 and letter in _LETTERS):
-            fail("options", f"keys must be single capital letters A-Z, got {letter!r}")
+            fail("options", f"keys must be single capital letters A-J, got {letter!r}")
         if not isinstance(text, str) or not text.strip():
             fail(f"options.{letter}", f"must be a non-empty string, got {text!r}")
     return {letter: text.strip() for letter, text in options.items()}
@@ -242,10 +244,13 @@ def _answer(answer: str, options, fail) -> tuple[str | None, str]:
     """(letter or None, correct text) of an answer string."""
     match = _LETTER_ANSWER.match(answer)
     if match is None or options is None:
-        if match is not None and not match.group(2):
+        if match is not None and not match.group(2) and match.group(1).isupper():
             fail("answer", f"{answer!r} is a bare option letter but the row has no options")
+        same = [letter for letter, text in (options or {}).items() if _normalise(text) == _normalise(answer)]
+        if same:  # the option's text without its letter
+            return same[0], options[same[0]]
         return None, answer.strip()
-    letter, text = match.group(1), (match.group(2) or "").strip()
+    letter, text = match.group(1).upper(), (match.group(2) or "").strip()
     if letter not in options:
         fail("answer", f"letter {letter!r} of {answer!r} is not among the options {sorted(options)}")
     if text and _normalise(text) != _normalise(options[letter]):

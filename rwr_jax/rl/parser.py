@@ -146,6 +146,16 @@ def parse_ground_truth(answer: str, options: Mapping[str, str] | None = None) ->
     return GroundTruth(-1, answer.strip(), True, answer)
 
 
+def record_ground_truth(letter: str | None, text: str, answer: str) -> GroundTruth:
+    """The GroundTruth of a record as `data.records` classified its answer: `letter` A-J
+    with `text` the option's text, or None / "" for a free-text answer `text`."""
+    if not letter:
+        return GroundTruth(-1, text, True, answer)
+    if letter not in LETTERS:
+        raise ValueError(f"option letter {letter!r} of answer {answer!r} is not one of {LETTERS}")
+    return GroundTruth(LETTERS.index(letter), text, False, answer)
+
+
 def _norm(text: str) -> str:
     """Case-folded words, punctuation dropped, for option-text comparison."""
     return " ".join(re.sub(r"[\W_]+", " ", text.casefold()).split())
@@ -406,7 +416,9 @@ def parse_batch(trajectory, answers: Sequence[str], tables: TextTables, *,
 
     Args:
       trajectory: has `tokens` [B, C] int32, `source` [B, C] int8, `length` [B] int32.
-      answers: B ground-truth answer strings ("B. option text" or free text).
+      answers: B ground truths: `GroundTruth`s (e.g. `record_ground_truth` of each row's
+        record, as the trainer passes them) or answer strings ("B. option text" or free
+        text) read by `parse_ground_truth`.
       tables: from `build_text_tables`.
       options: optional per-row {letter: option text} mappings.
       bucket: lengths are padded up to a multiple of this (>= 1).
@@ -425,7 +437,8 @@ def parse_batch(trajectory, answers: Sequence[str], tables: TextTables, *,
     rows = parse_rows(trajectory, tables) if rows is None else list(rows)
     if len(rows) != batch:
         raise ValueError(f"rows must have B={batch} entries, got {len(rows)}")
-    truths = [parse_ground_truth(a, None if options is None else options[b]) for b, a in enumerate(answers)]
+    truths = [a if isinstance(a, GroundTruth) else parse_ground_truth(a, None if options is None else options[b])
+              for b, a in enumerate(answers)]
     scores = [score_answer(r.answer, t) for r, t in zip(rows, truths)]
     k = _round_up(max(len(r.kinds) for r in rows), 4)
     kinds, _ = _pad([r.kinds for r in rows], k)

@@ -195,8 +195,9 @@ def experience(cfg, c: Components, params, batch, key):
                           stop_tables=c.stop_tables, eos_ids=tokenizer_lib.EOS_IDS,
                           max_retrieved_tokens=cfg.retrieval.max_retrieved_tokens)
     rows = parser.parse_rows(traj, c.text_tables)
-    parsed = parser.parse_batch(traj, _repeat(batch.answers, g), c.text_tables, options=_repeat(batch.options, g),
-                                rows=rows)
+    truths = [parser.record_ground_truth(*fields)
+              for fields in zip(batch.answer_letters, batch.answer_texts, batch.answers)]
+    parsed = parser.parse_batch(traj, _repeat(truths, g), c.text_tables, rows=rows)
     names, weights = tuple(cfg.rewards.names), tuple(cfg.rewards.weights)
     inputs = {}
     if c.visual is not None:

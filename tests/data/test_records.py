@@ -62,11 +62,17 @@ def test_chat_row_drops_assistant_turn(tmp_path, image):
 def test_options_field_and_free_text(tmp_path):
     rows = [_good(question="Stem?", options=["x", "y"], answer="B"),
             _good(1, question="Stem?", options={"A": "x", "C": "z"}, answer="C. z"),
-            _good(2, question="What causes it?", answer="B12 deficiency")]
+            _good(2, question="What causes it?", answer="B12 deficiency"),
+            _good(3, answer="lung."), _good(4, answer="c. heart"),
+            _good(5, question="Which organism?", answer="E. coli"), _good(6, question="Group?", answer="o")]
     source = records.JsonlSource(_write(tmp_path / "o.jsonl", rows))
     assert (source[0].options, source[0].answer_letter, source[0].answer_text) == ({"A": "x", "B": "y"}, "B", "y")
     assert (source[1].answer_letter, source[1].answer_text) == ("C", "z")
     assert (source[2].options, source[2].answer_letter, source[2].answer_text) == (None, None, "B12 deficiency")
+    # An option's text alone is that option; a lower-case letter names an option too.
+    assert [(source[i].answer_letter, source[i].answer_text) for i in (3, 4)] == [("B", "Lung"), ("C", "Heart")]
+    # Without options, "E. coli" and a lower-case one-letter answer are free text.
+    assert [(source[i].answer_letter, source[i].answer_text) for i in (5, 6)] == [(None, "E. coli"), (None, "o")]
 
 
 @pytest.mark.parametrize("bad, field", [
@@ -82,6 +88,9 @@ def test_options_field_and_free_text(tmp_path):
     ({"id": "x", "question": QUESTION, "answer": "B", "images": ["missing.png"]}, "images[0]"),
     ({"id": "x", "question": QUESTION, "answer": "B", "difficulty": "hard"}, "difficulty"),
     ({"id": "x", "question": "Stem?", "answer": "A", "options": "A/B"}, "options"),
+    ({"id": "x", "question": "Stem?", "answer": "A", "options": list("abcdefghijk")}, "options"),  # past J
+    ({"id": "x", "question": "Stem?", "answer": "A", "options": {"A": "x", "K": "y"}}, "options"),
+    ({"id": "x", "question": "Group?", "answer": "O"}, "answer"),  # a bare capital letter, no options
     ({"id": "x", "answer": "A", "messages": [{"role": "assistant", "content": "A"}]}, "messages"),
     ("{not json", None),
 ])

@@ -155,6 +155,19 @@ def test_parse_ground_truth(answer, options, expected):
     assert tuple(parser.parse_ground_truth(answer, options)[:3]) == expected
 
 
+def test_record_ground_truths_are_taken_as_classified():
+    """The trainer passes each record's own classification: "E. coli" of an open question
+    is free text (the syntax alone would read option E)."""
+    truths = [parser.record_ground_truth(None, "E. coli", "E. coli"), parser.record_ground_truth("B", "Lung", "b")]
+    assert truths == [(-1, "E. coli", True, "E. coli"), (1, "Lung", False, "b")]
+    assert parser.parse_ground_truth("E. coli")[:3] == (4, "coli", False)
+    completions = [[("m", f"<think>x</think><answer>{a}</answer>")] for a in ("E. coli", "E", "B. Lung")]
+    parsed = parser.parse_batch(make_trajectory(*completions), [truths[0], truths[0], truths[1]], text_tables())
+    np.testing.assert_array_equal(rewards.accuracy_reward(parsed), [5.0, 0.0, 5.0])
+    with pytest.raises(ValueError, match="option letter 'K'"):
+        parser.record_ground_truth("K", "Gout", "K. Gout")
+
+
 def test_answer_token_index_points_at_the_letter():
     tokenizer = tokenizer_lib.load_tokenizer()
     completions = [THINK + "<answer>B. x</answer>", THINK + "<answer> B. x</answer>", THINK + "<answer>\nB. x</answer>",
