@@ -35,6 +35,7 @@ def retrieval(corpus_path: str = "", encoder_path: str = "") -> ml_collections.C
 def base(seed: int = 0) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = seed
+    c.num_epochs = 1  # passes over the data when total_steps is 0 (METHOD.md: 1 per stage)
     c.tokenizer_path = ""  # "" = the bundled Qwen2.5 tokenizer; else a local tokenizer directory.
     c.optimizer = optimizer()
     c.loss = loss()
@@ -97,4 +98,4 @@ def apply_checkpoint_run(c: ml_collections.ConfigDict, preset, *, images: int) -
     c.data = data(demo=False, path=preset.data, max_prompt_length=8192, images=images)
     c.retrieval = retrieval(preset.corpus, preset.encoder)
     c.rollout = rollout()
-    c.total_steps = preset.steps or 1000
+    c.total_steps = preset.steps  # 0: num_epochs passes over the data

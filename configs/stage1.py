@@ -5,7 +5,8 @@ rewards accuracy + format, GRPO on Qwen2.5-VL-7B.
 
 Presets (comma separated after ':'):
   demo              tiny random model with a format prior + the synthetic text-only set.
-  steps=N           optimiser steps.
+  steps=N           optimiser steps (default: one pass over the data, num_epochs=1;
+                    the demo: 6).
   checkpoint=DIR    the policy's local HF checkpoint.
   data=FILE         training jsonl.  corpus=FILE  knowledge base.  encoder=DIR  retriever.
 """

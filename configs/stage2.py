@@ -8,7 +8,8 @@ Presets (comma separated after ':'):
                     its knowledge base, real retrieval rounds, CPU, a few minutes; the
                     visual reward uses a tiny RANDOM CLIP written into the demo data
                     directory (meaningless scores; it runs the code path).
-  steps=N           optimiser steps.
+  steps=N           optimiser steps (default: one pass over the data, num_epochs=1;
+                    the demo: 6).
   checkpoint=DIR    the policy's local HF checkpoint (e.g. the stage-1 export).
   data=FILE         training jsonl.  corpus=FILE  knowledge base (.jsonl / .tsv).
   encoder=DIR       retriever text encoder (e.g. a local BGE-M3).

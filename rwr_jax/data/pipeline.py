@@ -317,6 +317,8 @@ class PromptPipeline:
     Attributes:
         dataset: the grain IterDataset of HostPromptBatch.
         num_records: records in this process's shard, before length filtering.
+        records_per_shard: records of the smallest process shard (every process can
+            take this many; steps planned from it agree across processes).
     """
 
     def __init__(self, source, tokenizer, config: PipelineConfig,
@@ -328,6 +330,7 @@ class PromptPipeline:
             source = _Reordered(source, curriculum_order(source, config.seed))
         dataset = grain.MapDataset.source(source)[shard_index::shard_count]
         self.num_records = len(dataset)
+        self.records_per_shard = len(source) // shard_count
         if self.num_records == 0:
             raise ValueError(f"shard {shard_index} of {shard_count} has no records ({len(source)} in the source)")
         self._fits = FitsPromptLength(config)

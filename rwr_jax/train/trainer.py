@@ -53,6 +53,7 @@ class Components:
     stop_tables: Any
     letter_ids: Any
     optimizer: Any
+    total_steps: int  # cfg.total_steps, or cfg.num_epochs passes over the data when that is 0
     visual: visual_scoring.VisualScorer | None = None  # with the "query_visual" reward
 
 
@@ -93,7 +94,7 @@ def build_pipeline(cfg, workdir, tokenizer, model_config, clip_image=None) -> Pr
                             length_bucket=cfg.data.length_bucket or None, system_prompt=cfg.system_prompt,
                             max_images_per_prompt=cfg.data.max_images_per_prompt,
                             mrope=text.mrope_section is not None, seed=cfg.seed, curriculum=cfg.data.curriculum,
-                            clip_image=clip_image)
+                            clip_image=clip_image, num_epochs=None if cfg.total_steps else cfg.num_epochs)
     vision = model_config.vision if isinstance(model_config, VLConfig) else None
     return PromptPipeline(source, tokenizer, config, vision)
 
@@ -153,6 +154,16 @@ def build_visual(cfg, workdir: str) -> visual_scoring.VisualScorer | None:
     return visual_scoring.load_scorer(path)
 
 
+def planned_steps(pipeline: PromptPipeline, num_epochs: int) -> int:
+    """Optimiser steps of `num_epochs` passes over the data: full batches of the smallest
+    process shard (prompts later skipped as too long end the data earlier)."""
+    steps = pipeline.records_per_shard * num_epochs // pipeline.config.batch_size
+    if steps < 1:
+        raise ValueError(f"{num_epochs} epoch(s) of {pipeline.records_per_shard} records per process make no batch "
+                         f"of data.batch_size={pipeline.config.batch_size}; set total_steps or num_epochs")
+    return steps
+
+
 def build(cfg, workdir: str) -> Components:
     _check_rewards(cfg)
     visual = build_visual(cfg, workdir)
@@ -160,12 +171,13 @@ def build(cfg, workdir: str) -> Components:
     model, model_config, params, hf_config = build_model(cfg, tokenizer)
     text = model_config.text if isinstance(model_config, VLConfig) else model_config
     frozen = ("visual",) if isinstance(model_config, VLConfig) and model_config.freeze_vision else ()
-    opt_config = optimizer_lib.OptimizerConfig(total_steps=cfg.total_steps, frozen_prefixes=frozen,
-                                               **dict(cfg.optimizer))
+    pipeline = build_pipeline(cfg, workdir, tokenizer, model_config, visual.image_config if visual else None)
+    total_steps = cfg.total_steps or planned_steps(pipeline, cfg.num_epochs)
+    opt_config = optimizer_lib.OptimizerConfig(total_steps=total_steps, frozen_prefixes=frozen, **dict(cfg.optimizer))
     uses_retrieval = cfg.rollout.max_rounds > 1
     return Components(
         model=model, model_config=model_config, hf_config=hf_config, tokenizer=tokenizer, initial_params=params,
-        pipeline=build_pipeline(cfg, workdir, tokenizer, model_config, visual.image_config if visual else None),
+        pipeline=pipeline, total_steps=total_steps,
         retrieve=build_retrieve(cfg, workdir) if uses_retrieval else (lambda queries: [[] for _ in queries]),
         text_tables=parser.build_text_tables(tokenizer, text.vocab_size),
         stop_tables=stop_strings.build_stop_tables(stop_strings.token_bytes_of(tokenizer, text.vocab_size),
@@ -256,11 +268,16 @@ def train(cfg, workdir: str, *, stop_after: int | None = None) -> TrainState:
                                     epsilon_low=cfg.loss.epsilon_low, epsilon_high=cfg.loss.epsilon_high,
                                     max_completion_length=cfg.rollout.max_completion_length)
     base_key = jax.random.key(cfg.seed)
-    start, ran, clock = int(state.step), 0, time.perf_counter()
-    for step in range(start, cfg.total_steps):
+    start, ran, clock, exhausted = int(state.step), 0, time.perf_counter(), False
+    for step in range(start, c.total_steps):
         if stop_after is not None and ran == stop_after:
             break
-        batch = next(iterator)
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            exhausted = True
+            logging.warning("the data ran out after step %d of %d (prompts skipped as too long?)", step, c.total_steps)
+            break
         train_batch, metrics, sample = experience(cfg, c, state.params, batch, jax.random.fold_in(base_key, step))
         state, step_metrics = train_step(
             c.model, c.optimizer, state, train_batch, c.initial_params, loss_config=loss_config,
@@ -278,14 +295,14 @@ def train(cfg, workdir: str, *, stop_after: int | None = None) -> TrainState:
                             skipped, cfg.optimizer.max_consecutive_nonfinite)
         elapsed = time.perf_counter() - clock
         metrics["perf/steps_per_s"] = ran / elapsed
-        metrics["perf/eta_s"] = (cfg.total_steps - step - 1) * elapsed / ran
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.total_steps:
+        metrics["perf/eta_s"] = (c.total_steps - step - 1) * elapsed / ran
+        if (step + 1) % cfg.log_every == 0 or step + 1 == c.total_steps:
             writer.write_scalars(step + 1, metrics)
         if (step + 1) % cfg.sample_every == 0:
             writer.write_texts(step + 1, {"sample": sample})
         give_up = skipped >= cfg.optimizer.max_consecutive_nonfinite
         checkpoint.save(manager, step + 1, state, iterator, {"elapsed_s": elapsed},
-                        force=step + 1 == cfg.total_steps or give_up)
+                        force=step + 1 == c.total_steps or give_up)
         if give_up:
             manager.wait_until_finished()
             writer.close()
@@ -293,8 +310,10 @@ def train(cfg, workdir: str, *, stop_after: int | None = None) -> TrainState:
                 f"steps {step + 2 - skipped}-{step + 1}: {skipped} non-finite updates in a row "
                 f"(optimizer.max_consecutive_nonfinite={cfg.optimizer.max_consecutive_nonfinite}); the checkpoint "
                 f"of step {step + 1} in {manager.directory} holds the last finite parameters")
+    if exhausted and manager.latest_step() != int(state.step):
+        checkpoint.save(manager, int(state.step), state, iterator, force=True)
     manager.wait_until_finished()
     writer.close()
-    if int(state.step) == cfg.total_steps and cfg.export_hf:
+    if (int(state.step) == c.total_steps or exhausted) and cfg.export_hf:
         convert.save_hf_checkpoint(state.params, c.model_config, c.hf_config, os.path.join(workdir, "hf_export"))
     return state

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from configs import stage1, stage2
+from rwr_jax.data import demo as demo_data, records, tokenizer as tokenizer_lib
+from rwr_jax.data.pipeline import PipelineConfig, PromptPipeline
 from rwr_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -88,6 +90,33 @@ def test_nonfinite_updates_are_skipped_and_too_many_in_a_row_stop_the_run(tmp_pa
     with pytest.raises(FloatingPointError, match=r"steps 1-3: 3 non-finite updates in a row"):
         trainer.train(_config(4, optimizer__max_consecutive_nonfinite=3), workdir)
     assert os.path.isdir(tmp_path / "checkpoints" / "3")  # saved although not due (save_every=3 in the demo)
+
+
+@pytest.mark.slow
+def test_total_steps_0_means_num_epochs_passes_and_running_out_of_data_ends_the_run(tmp_path, monkeypatch):
+    """3 records, batch 2, 1 epoch: 1 full batch. Planned for more steps than that (as when
+    prompts are skipped as too long), the run ends when the data does: checkpointed, exported."""
+    cfg = _config(1, data__demo_size=3)
+    cfg.total_steps, cfg.export_hf = 0, True
+    planned = trainer.planned_steps
+    monkeypatch.setattr(trainer, "planned_steps", lambda pipeline, epochs: planned(pipeline, epochs) + 2)
+    state = trainer.train(cfg, str(tmp_path))
+    assert int(state.step) == 1
+    assert os.path.isdir(tmp_path / "checkpoints" / "1") and os.path.isdir(tmp_path / "hf_export")
+
+
+def test_planned_steps_count_full_batches_of_the_smallest_shard(tmp_path):
+    paths = demo_data.generate_demo_data(str(tmp_path), num_train=7, seed=0, multimodal=False)
+    source, tokenizer = records.JsonlSource(paths.train), tokenizer_lib.load_tokenizer()
+
+    def pipeline(batch_size):
+        return PromptPipeline(source, tokenizer, PipelineConfig(batch_size=batch_size, max_images_per_prompt=0,
+                                                                mrope=False, shard_index=1, shard_count=2))
+
+    assert pipeline(2).records_per_shard == 3  # shards of 4 and 3 records
+    assert trainer.planned_steps(pipeline(2), 1) == 1 and trainer.planned_steps(pipeline(2), 3) == 4
+    with pytest.raises(ValueError, match="1 epoch.s. of 3 records per process make no batch of data.batch_size=4"):
+        trainer.planned_steps(pipeline(4), 1)
 
 
 def test_stage_configs_build():
