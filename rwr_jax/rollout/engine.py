@@ -202,9 +202,13 @@ def _cut_after_query(state: sampler.DecodeState, tokens: np.ndarray, length: np.
                          logprobs=state.logprobs.at[rows, slots].set(logprobs))
 
 
-def _block_ids(tokenizer, passages: list[list[Passage]], limit: int) -> list[list[int]]:
-    """Tokenises each row's retrieved block once, trimming passages to fit `limit` tokens."""
-    blocks = []
+def _block_ids(tokenizer, passages: list[list[Passage]], limit: int) -> tuple[list[list[int]], list[list[Passage]]]:
+    """Tokenises each row's retrieved block once, trimming passages to fit `limit` tokens.
+
+    Returns:
+      (block ids, the passages each block holds: trimmed, the emptied ones left out).
+    """
+    blocks, kept = [], []
     for row in passages:
         ids = tokenizer.encode(format_retrieved(row), add_special_tokens=False)
         keep = list(row)
@@ -217,7 +221,8 @@ def _block_ids(tokenizer, passages: list[list[Passage]], limit: int) -> list[lis
                 keep.pop(longest)
             ids = tokenizer.encode(format_retrieved(keep), add_special_tokens=False)
         blocks.append(ids)
-    return blocks
+        kept.append(keep)
+    return blocks, kept
 
 
 def rollout(model, params, prompts: PromptBatch, tokenizer, retrieve: Retrieve, config: RolloutConfig,
@@ -242,6 +247,10 @@ def rollout(model, params, prompts: PromptBatch, tokenizer, retrieve: Retrieve, 
     """
     num_prompts, prompt_length = prompts.tokens.shape
     g, capacity = config.group_size, config.max_completion_length
+    smallest = len(tokenizer.encode(format_retrieved([]), add_special_tokens=False))
+    if max_retrieved_tokens < smallest:
+        raise ValueError(f"max_retrieved_tokens must be >= {smallest} (the block {format_retrieved([])!r}), "
+                         f"got {max_retrieved_tokens}")
     chunk = -(-(max_retrieved_tokens + 1) // config.extend_bucket) * config.extend_bucket
     cache_length = (prompt_length + config.max_rounds * config.max_new_tokens_per_round
                     + (config.max_rounds - 1) * chunk)
@@ -278,7 +287,7 @@ def rollout(model, params, prompts: PromptBatch, tokenizer, retrieve: Retrieve, 
         searchable = [b for b in paused if round_queries[b]]
         finish[[b for b in paused if not round_queries[b]]] = FINISH_REASONS_INDEX["empty_query"]
         results = retrieve([round_queries[b] for b in searchable]) if searchable else []
-        blocks = _block_ids(tokenizer, results, max_retrieved_tokens)
+        blocks, results = _block_ids(tokenizer, results, max_retrieved_tokens)
         chunk_ids = np.zeros((batch, chunk), np.int32)
         chunk_mask = np.zeros((batch, chunk), bool)
         env_count = np.zeros((batch,), np.int32)

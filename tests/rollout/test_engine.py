@@ -37,12 +37,12 @@ def _setup(prompt_count=4, seed=0, mrope=False):
     return tok, model, params, prompts, tables
 
 
-def _rollout(seed=0, mrope=False, retrieve=_retrieve_tricky, **overrides):
+def _rollout(seed=0, mrope=False, retrieve=_retrieve_tricky, max_retrieved_tokens=160, **overrides):
     tok, model, params, prompts, tables = _setup(seed=seed, mrope=mrope)
     config = engine.RolloutConfig(**{**dict(max_rounds=3, max_new_tokens_per_round=40, max_completion_length=400,
                                             group_size=4, extend_bucket=32), **overrides})
     traj = engine.rollout(model, params, prompts, tok, retrieve, config, jax.random.key(seed), stop_tables=tables,
-                          eos_ids=(tiny_lm.token_id(tiny_lm.EOS),), max_retrieved_tokens=160)
+                          eos_ids=(tiny_lm.token_id(tiny_lm.EOS),), max_retrieved_tokens=max_retrieved_tokens)
     return tok, model, params, traj
 
 
@@ -143,6 +143,28 @@ def test_a_block_that_leaves_the_model_no_slot_is_not_appended(rolled):
     assert (cut.length <= block_end).all()
     assert cut.length[row] == pause and cut.finish_reason_names()[row] == "total_budget"
     assert not (cut.source[row] == sampler.SOURCE_ENV).any()
+
+
+def test_trimmed_blocks_record_the_passages_they_hold():
+    """A tight token limit trims passages (emptied ones dropped): the trajectory records
+    what each block holds, "None" only when nothing is left; below the None block's
+    length the limit is refused."""
+    tok = tiny_lm.tokenizer()
+    smallest = len(tok.encode(engine.format_retrieved([]), add_special_tokens=False))
+    with pytest.raises(ValueError, match=f"max_retrieved_tokens must be >= {smallest}"):
+        _rollout(max_retrieved_tokens=smallest - 1)
+    _, _, _, traj = _rollout(seed=0, max_retrieved_tokens=smallest + 24)
+    blocks = 0
+    for b in range(len(traj.length)):
+        env = np.flatnonzero(traj.source[b] == sampler.SOURCE_ENV)
+        runs = np.split(env, np.flatnonzero(np.diff(env) > 1) + 1) if len(env) else []
+        for run, held in zip(runs, traj.passages[b]):
+            text = tok.decode(traj.tokens[b, run].tolist())
+            assert text == engine.format_retrieved(held)
+            assert len(run) <= smallest + 24
+            blocks += 1
+    assert blocks > 0
+    assert any(p.text not in TRICKY for held in traj.passages for block in held for p in block), "nothing trimmed"
 
 
 def test_group_rows_share_the_prompt(rolled):
