@@ -12,9 +12,11 @@ def optimizer() -> ml_collections.ConfigDict:
                                           weight_decay=0.1, max_grad_norm=1.0, max_consecutive_nonfinite=10))
 
 
-def rollout(group_size: int = 8, max_rounds: int = 3, tokens_per_round: int = 4096,
-            completion: int = 8192) -> ml_collections.ConfigDict:
-    """Rollout settings: G = 8, up to 3 rounds of 4,096 new tokens, temperature 1."""
+def rollout(group_size: int = 8, max_rounds: int = 3, tokens_per_round: int = 4096, retrieved_tokens: int = 1024,
+            completion: int = 0) -> ml_collections.ConfigDict:
+    """Rollout settings: G = 8, up to 3 rounds of 4,096 new tokens, temperature 1; the
+    completion holds every round's budget and the retrieved blocks unless `completion`."""
+    completion = completion or max_rounds * tokens_per_round + (max_rounds - 1) * retrieved_tokens
     return ml_collections.ConfigDict(dict(
         group_size=group_size, max_rounds=max_rounds, max_new_tokens_per_round=tokens_per_round,
         max_completion_length=completion, temperature=1.0, top_p=1.0, top_k=0, extend_bucket=64))
@@ -40,7 +42,9 @@ def base(seed: int = 0) -> ml_collections.ConfigDict:
     c.optimizer = optimizer()
     c.loss = loss()
     c.advantage = ml_collections.ConfigDict(dict(estimator="grpo", eps=1e-4))
-    c.train = ml_collections.ConfigDict(dict(num_micro_batches=2, logprob_chunk=512))
+    # completion_bucket: the update's completion width = the longest completion rounded up
+    # to a bucket of >= this many tokens (few widths), not the rollout's whole capacity.
+    c.train = ml_collections.ConfigDict(dict(num_micro_batches=2, logprob_chunk=512, completion_bucket=512))
     c.checkpoint = ml_collections.ConfigDict(dict(save_every=100, keep=3, async_save=True))
     c.log_every = 1
     c.sample_every = 10

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from rwr_jax.models import packing
 from rwr_jax.rollout import sampler
 
 FINISH_REASONS = ("running", "eos", "answer", "query_pause", "round_budget", "total_budget", "max_rounds",
@@ -56,7 +57,8 @@ class Trajectory:
       rounds: [B] int32 generation rounds used.
       finish_reason: [B] int32 index into FINISH_REASONS.
       queries: per row, the searched queries in order.
-      passages: per row, per query, the passages returned.
+      passages: per row, per query, the passages its retrieved block holds (as trimmed
+        to the token limit).
     """
 
     prompt_tokens: np.ndarray
@@ -75,6 +77,15 @@ class Trajectory:
     def loss_mask(self) -> np.ndarray:
         """[B, C] bool: 1 only on model-written completion tokens."""
         return self.source == sampler.SOURCE_MODEL
+
+    def trimmed(self, granule: int) -> "Trajectory":
+        """The same rows with C cut to the longest completion, bucketed
+        (`packing.token_bucket` with at least `granule` slots; at most C): the update then
+        works on the tokens written, not on the rollout's whole capacity, and sees few
+        distinct widths (few compilations)."""
+        width = min(self.tokens.shape[1], packing.token_bucket(max(int(self.length.max()), granule), granule))
+        return dataclasses.replace(self, tokens=self.tokens[:, :width], source=self.source[:, :width],
+                                   logprobs=self.logprobs[:, :width])
 
     def finish_reason_names(self) -> list[str]:
         return finish_reasons(self.finish_reason)

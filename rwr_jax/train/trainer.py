@@ -205,7 +205,7 @@ def experience(cfg, c: Components, params, batch, key):
     prompts = engine.PromptBatch(**batch.prompt_fields())
     traj = engine.rollout(c.model, params, prompts, c.tokenizer, c.retrieve, rollout_config(cfg), key,
                           stop_tables=c.stop_tables, eos_ids=tokenizer_lib.EOS_IDS,
-                          max_retrieved_tokens=cfg.retrieval.max_retrieved_tokens)
+                          max_retrieved_tokens=cfg.retrieval.max_retrieved_tokens).trimmed(cfg.train.completion_bucket)
     rows = parser.parse_rows(traj, c.text_tables)
     truths = [parser.record_ground_truth(*fields)
               for fields in zip(batch.answer_letters, batch.answer_texts, batch.answers)]

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rwr_jax.models import packing
 from rwr_jax.rollout import engine, sampler, stop_strings
 from rwr_jax.rollout.trajectory import Passage, block_spans
 from tests.rollout import tiny_lm
@@ -165,6 +166,19 @@ def test_trimmed_blocks_record_the_passages_they_hold():
             blocks += 1
     assert blocks > 0
     assert any(p.text not in TRICKY for held in traj.passages for block in held for p in block), "nothing trimmed"
+
+
+def test_trimmed_trajectory_keeps_every_written_token(rolled):
+    _, _, _, traj = rolled
+    longest = int(traj.length.max())
+    cut = traj.trimmed(32)
+    assert longest <= cut.tokens.shape[1] == packing.token_bucket(longest, 32) < traj.tokens.shape[1]
+    for name in ("tokens", "source", "logprobs"):
+        full, short = getattr(traj, name), getattr(cut, name)
+        np.testing.assert_array_equal(short, full[:, :short.shape[1]])
+        assert not full[:, short.shape[1]:].any()  # only padding was cut
+    assert cut.full_sequence()[0].shape[1] == traj.prompt_tokens.shape[1] + cut.tokens.shape[1]
+    assert traj.trimmed(4096).tokens.shape == traj.tokens.shape  # never wider than the rollout
 
 
 def test_group_rows_share_the_prompt(rolled):
