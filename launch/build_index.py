@@ -45,23 +45,14 @@ def _load_embedder(path: str) -> index_lib.Embedder:
     return TextEncoder.from_pretrained(path)
 
 
-def _token_spans(encoder_dir: str):
-    """Character spans of the encoder tokenizer's tokens (special tokens excluded)."""
-    import tokenizers  # pylint: disable=g-import-not-at-top
-    path = os.path.join(encoder_dir, "tokenizer.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: --window_unit=tokens needs the encoder's tokenizer.json")
-    tokenizer = tokenizers.Tokenizer.from_file(path)
-    return lambda text: tokenizer.encode(text, add_special_tokens=False).offsets
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     corpus = _CORPUS.value
     os.makedirs(_INDEX_DIR.value, exist_ok=True)
     if _WINDOW.value > 0:
-        tokenize = _token_spans(_ENCODER.value) if _WINDOW_UNIT.value == "tokens" else document_store.word_spans
+        tokenize = (document_store.tokenizer_spans(os.path.join(_ENCODER.value, "tokenizer.json"))
+                    if _WINDOW_UNIT.value == "tokens" else document_store.word_spans)
         corpus = os.path.join(_INDEX_DIR.value, PASSAGES_FILE)  # rewritten identically when resuming
         document_store.split_documents(_CORPUS.value, corpus, _WINDOW.value, _WINDOW_OVERLAP.value, tokenize)
     store = document_store.DocumentStore(corpus, offsets_path=os.path.join(_INDEX_DIR.value,

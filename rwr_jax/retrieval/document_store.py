@@ -2,8 +2,10 @@
 
 One passage per line; blank lines are skipped and are not rows.
 
-- `.tsv`: `id<TAB>text`, or `id<TAB>text<TAB>title` (the DPR `psgs_w100.tsv` layout).
-  A first line reading exactly `id<TAB>text[<TAB>title]` is a header and skipped.
+- `.tsv`: `id<TAB>text`, or `id<TAB>text<TAB>title` (the DPR `psgs_w100.tsv` layout),
+  a field that starts with a double quote is CSV-quoted (inner quotes doubled), as DPR
+  writes them. A first line reading exactly `id<TAB>text[<TAB>title]` is a header and skipped.
+  A UTF-8 byte-order mark opening the file is not part of the first row.
 - `.jsonl`: `{"id": ..., "text" or "contents": ..., "title": ...}`; `title` is optional
   and numeric ids are kept as strings.
 
@@ -15,11 +17,12 @@ opens reuse it, and passages are read from a memory map of the corpus, so a
 20M-passage corpus costs 320 MB of offsets and nothing more.
 
 `split_documents` cuts long documents into overlapping windows of words (default) or of
-tokens (any callable returning token character spans, e.g. a Hugging Face tokenizer's
-offsets) and writes them as a `.jsonl` passages file; window text is a verbatim slice
+tokens (any callable returning token character spans, e.g. `tokenizer_spans` of an
+encoder's tokenizer.json) and writes them as a `.jsonl` passages file; window text is a verbatim slice
 of the document, so its inner whitespace is kept.
 """
 
+import csv
 import dataclasses
 import functools
 import hashlib
@@ -34,6 +37,7 @@ from absl import logging
 
 FORMATS = {".tsv": "tsv", ".jsonl": "jsonl"}
 TSV_HEADERS = (b"id\ttext", b"id\ttext\ttitle")
+_BOM = b"\xef\xbb\xbf"
 
 TokenSpans = Sequence[tuple[int, int]]
 
@@ -68,7 +72,7 @@ def file_sha256(path: str, block_bytes: int = 1 << 22) -> str:
 
 
 def _parse_tsv(line: bytes, where: str) -> Passage:
-    fields = line.decode("utf-8").split("\t")
+    fields = next(csv.reader([line.decode("utf-8")], delimiter="\t"), [])
     if len(fields) not in (2, 3):
         raise ValueError(f"{where}: expected 2 or 3 tab-separated fields (id, text[, title]), got {len(fields)}")
     return Passage(fields[0], fields[1], fields[2] if len(fields) == 3 else "")
@@ -122,6 +126,8 @@ def iter_rows(path: str) -> Iterator[tuple[int, int, Passage]]:
         for line_no, line in enumerate(f, 1):
             end = start + len(line)
             body = line.rstrip(b"\n")
+            if line_no == 1 and body.startswith(_BOM):
+                start, body = start + len(_BOM), body[len(_BOM):]
             if body.strip() and not (fmt == "tsv" and rows == 0 and body.rstrip(b"\r") in TSV_HEADERS):
                 yield start, start + len(body), parse_row(body, fmt, f"{path}:{line_no}")
                 rows += 1
@@ -211,6 +217,19 @@ def word_spans(text: str) -> list[tuple[int, int]]:
     """Character spans of the whitespace-separated words of `text`."""
     return [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
 
+
+
+def tokenizer_spans(tokenizer_json: str) -> Callable[[str], TokenSpans]:
+    """text -> character spans of its tokens under a Hugging Face `tokenizer.json` (no
+    special tokens; the file's own truncation and padding switched off, so every token
+    of a long document counts)."""
+    import tokenizers  # pylint: disable=g-import-not-at-top
+    if not os.path.isfile(tokenizer_json):
+        raise FileNotFoundError(f"{tokenizer_json} not found: token windows need the encoder's tokenizer.json")
+    tokenizer = tokenizers.Tokenizer.from_file(tokenizer_json)
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return lambda text: tokenizer.encode(text, add_special_tokens=False).offsets
 
 def window_ranges(num_tokens: int, window: int, overlap: int) -> list[tuple[int, int]]:
     """Token ranges [start, end) of overlapping windows covering `num_tokens` tokens.

