@@ -17,6 +17,10 @@ times. Layout of `pixel_values` (what the vision tower relies on): rows run over
 (h // merge, w // merge, merge_row, merge_col), so each merge_size**2 consecutive rows
 are one merged token, in raster order; columns run over (channel, temporal,
 patch_row, patch_col).
+
+Images deeper than 8 bits per channel (16-bit or float grayscale, as X-rays and CT
+slices are often stored) are min-max scaled to 8 bits per image first: `transformers`
+would clip them (a 16-bit ramp turns 99.6 % white).
 """
 
 import dataclasses
@@ -189,12 +193,25 @@ def _decode(file, name: str) -> Image.Image:
         with Image.open(file) as image:
             image.load()
             upright = ImageOps.exif_transpose(image)  # A copy; keeps mode and transparency.
+            if upright.mode in _HIGH_DEPTH_MODES:
+                upright = _min_max_to_8_bits(upright)
             rgb = Image.fromarray(convert_to_rgb(upright, return_numpy=True))
     except _DECODE_ERRORS as error:
         raise ValueError(f"image {name!r} is not a readable image (corrupt, truncated or unsupported): "
                          f"{type(error).__name__}: {error}") from error
     _check_aspect_ratio(rgb.height, rgb.width, name)
     return rgb
+
+
+_HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def _min_max_to_8_bits(image: Image.Image) -> Image.Image:
+    """A 16-bit / 32-bit / float grayscale image as 8-bit grayscale, its range stretched to 0-255."""
+    pixels = np.asarray(image, np.float64)
+    low, high = pixels.min(), pixels.max()
+    scaled = (pixels - low) * (255.0 / (high - low)) if high > low else np.zeros_like(pixels)
+    return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
 
 
 def _check_aspect_ratio(height: int, width: int, name: str) -> None:

@@ -118,7 +118,7 @@ def _mode_images():
     gray_alpha.putalpha(alpha)
     return {
         "L": rgb.convert("L"), "RGBA": rgba, "P": rgb.convert("P"), "P_transparency": palette_transparent,
-        "LA": gray_alpha, "I;16": Image.fromarray(np.asarray(rgb.convert("L"), np.uint16) * 3),
+        "LA": gray_alpha,
     }
 
 
@@ -132,6 +132,27 @@ def test_modes_converted_like_transformers(reference, tmp_path, mode):
     got = image_processing.process_images([loaded], CONFIG, names=[path])
     np.testing.assert_array_equal(got.pixel_values, want_pixels)
     np.testing.assert_array_equal(got.grid_thw, want_grid)
+
+
+@pytest.mark.parametrize("kind", ["uint16_png", "12_bit_in_16_png", "float_tiff", "constant_uint16_png"])
+def test_deep_grayscale_is_min_max_scaled_to_8_bits(tmp_path, kind):
+    """16-bit / float X-ray-style images keep their content (transformers would clip
+    them to white or black): min -> 0, max -> 255, linear in between."""
+    ramp = np.linspace(0.0, 1.0, 64 * 48).reshape(48, 64)
+    pixels = {"uint16_png": np.rint(ramp * 65535).astype(np.uint16),
+              "12_bit_in_16_png": np.rint(100 + ramp * 3995).astype(np.uint16),
+              "float_tiff": (0.25 + 0.5 * ramp).astype(np.float32),
+              "constant_uint16_png": np.full((48, 64), 4000, np.uint16)}[kind]
+    path = tmp_path / (f"{kind}.tif" if kind == "float_tiff" else f"{kind}.png")
+    Image.fromarray(pixels).save(path)
+    loaded = np.asarray(image_processing.load_image(path))
+    assert loaded.shape == (48, 64, 3) and (loaded[..., 0] == loaded[..., 2]).all()
+    if kind == "constant_uint16_png":
+        assert not loaded.any()
+        return
+    assert loaded.min() == 0 and loaded.max() == 255
+    # Within one level of the ideal ramp (the stored values are themselves rounded).
+    np.testing.assert_allclose(loaded[..., 0], ramp * 255, atol=1.0)
 
 
 def test_rgba_composited_on_white(tmp_path):
