@@ -28,10 +28,17 @@ def loss() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(loss_type="dapo", beta=0.001, epsilon_low=0.2, epsilon_high=0.2))
 
 
-def retrieval(corpus_path: str = "", encoder_path: str = "") -> ml_collections.ConfigDict:
-    """Top-3 passages from a local corpus, embedded with a local encoder checkpoint."""
+# DESIGN.md: the paper's retriever (BGE-M3, CLS pooling, L2-normalised) prefixes queries with this.
+PAPER_QUERY_INSTRUCTION = "Represent this sentence for searching relevant passages: "
+
+
+def retrieval(corpus_path: str = "", encoder_path: str = "",
+              query_instruction: str | None = None) -> ml_collections.ConfigDict:
+    """Top-3 passages from a local corpus, embedded with a local encoder checkpoint;
+    query_instruction / pooling None = the checkpoint's own (sentence-transformers files)."""
     return ml_collections.ConfigDict(dict(corpus_path=corpus_path, index_dir="", encoder_path=encoder_path, top_k=3,
-                                          max_retrieved_tokens=1024, searcher="auto"))
+                                          max_retrieved_tokens=1024, searcher="auto",
+                                          query_instruction=query_instruction, pooling=None))
 
 
 def base(seed: int = 0) -> ml_collections.ConfigDict:
@@ -100,6 +107,6 @@ def apply_checkpoint_run(c: ml_collections.ConfigDict, preset, *, images: int) -
     """A real run: the paper's sizes, local checkpoint / data / corpus / encoder paths."""
     c.model = checkpoint_model(preset.checkpoint)
     c.data = data(demo=False, path=preset.data, max_prompt_length=8192, images=images)
-    c.retrieval = retrieval(preset.corpus, preset.encoder)
+    c.retrieval = retrieval(preset.corpus, preset.encoder, query_instruction=PAPER_QUERY_INSTRUCTION)
     c.rollout = rollout()
     c.total_steps = preset.steps  # 0: num_epochs passes over the data

@@ -1,7 +1,8 @@
 r"""Builds a retrieval index directory (embeddings + exact or ScaNN searcher + manifest).
 
     python launch/build_index.py --corpus=/data/medcorpus.jsonl --index_dir=/data/index_bge_m3 \
-        --encoder=/models/bge-m3 --batch_size=64 --searcher=auto
+        --encoder=/models/bge-m3 --batch_size=64 --searcher=auto \
+        --query_instruction="Represent this sentence for searching relevant passages: "  # as the real-run configs
 
     # split long documents into 256-token windows overlapping by 32 (the encoder's tokenizer)
     python launch/build_index.py --corpus=/data/textbooks.jsonl --index_dir=/data/index_textbooks \
@@ -36,13 +37,19 @@ _WINDOW_OVERLAP = flags.DEFINE_integer("window_overlap", 32, "Words/tokens share
 _WINDOW_UNIT = flags.DEFINE_enum("window_unit", "words", ["words", "tokens"],
                                  "Window unit: whitespace words, or tokens of <encoder>/tokenizer.json.")
 
+_QUERY_INSTRUCTION = flags.DEFINE_string(
+    "query_instruction", None, "Text prepended to queries (part of the index's encoder fingerprint: use the "
+    "trainer's retrieval.query_instruction); default: the encoder checkpoint's own.")
+_POOLING = flags.DEFINE_enum("pooling", None, ["cls", "mean"], "Pooling; default: the encoder checkpoint's own.")
+
 PASSAGES_FILE = "passages.jsonl"
 
 
 def _load_embedder(path: str) -> index_lib.Embedder:
     """The Flax text encoder at `path` (imported here: it is optional for the rest of the script)."""
     from rwr_jax.models.text_encoder.encode import TextEncoder  # pylint: disable=g-import-not-at-top
-    return TextEncoder.from_pretrained(path)
+    overrides = {"query_instruction": _QUERY_INSTRUCTION.value, "pooling": _POOLING.value}
+    return TextEncoder.from_pretrained(path, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def main(argv):

