@@ -33,11 +33,23 @@ def exact_top_k(database: np.ndarray, queries: np.ndarray, k: int,
         block = queries @ np.asarray(database[start:start + block_rows], np.float32).T
         kk = min(k, block.shape[1])
         top = np.argpartition(block, block.shape[1] - kk, axis=1)[:, -kk:]
+        _lowest_rows_among_ties(block, top)
         scores.append(np.take_along_axis(block, top, axis=1))
         rows.append(top + start)
     scores, rows = np.concatenate(scores, axis=1), np.concatenate(rows, axis=1)
     order = np.lexsort((rows, -scores), axis=1)[:, :k]
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1).astype(np.int64)
+
+
+def _lowest_rows_among_ties(block: np.ndarray, top: np.ndarray) -> None:
+    """Where more rows of `block` [Q, n] tie with the k-th best score than `top` [Q, k]
+    (argpartition's pick) holds, makes `top` hold the lowest-numbered of them (in place)."""
+    picked = np.take_along_axis(block, top, axis=1)
+    threshold = picked.min(axis=1, keepdims=True)
+    ties = (block == threshold).sum(axis=1) > (picked == threshold).sum(axis=1)
+    for q in np.flatnonzero(ties):  # degenerate data only (duplicate passages)
+        above = np.flatnonzero(block[q] > threshold[q])
+        top[q] = np.concatenate([above, np.flatnonzero(block[q] == threshold[q])[:top.shape[1] - len(above)]])
 
 
 class BruteForceSearcher:

@@ -38,6 +38,17 @@ def test_exact_top_k_matches_numpy(k, block_rows):
     assert rows.dtype == np.int64 and scores.dtype == np.float32
 
 
+@pytest.mark.parametrize("block_rows", [None, 1024, 7])
+def test_exact_top_k_breaks_ties_by_lower_row(block_rows):
+    """Duplicate passages: the same rows whatever the block size or the other queries."""
+    database = np.ones((5000, 4), np.float32)
+    database[[10, 20]] *= 2  # two strictly better rows, then 4998 ties
+    queries = np.ones((3, 4), np.float32)
+    scores, rows = searchers.exact_top_k(database, queries, 4, block_rows=block_rows)
+    np.testing.assert_array_equal(rows, [[10, 20, 0, 1]] * 3)
+    np.testing.assert_array_equal(scores, [[8, 8, 4, 4]] * 3)
+
+
 def test_scann_recall_on_small_clustered_set(clustered_searcher):
     database, queries, params, searcher = clustered_searcher
     assert params["num_leaves"] == 200 and params["num_leaves_to_search"] == 10
