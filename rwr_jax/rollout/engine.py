@@ -247,8 +247,8 @@ def rollout(model, params, prompts: PromptBatch, tokenizer, retrieve: Retrieve, 
     """
     num_prompts, prompt_length = prompts.tokens.shape
     g, capacity = config.group_size, config.max_completion_length
-    smallest = len(tokenizer.encode(format_retrieved([]), add_special_tokens=False))
-    if max_retrieved_tokens < smallest:
+    smallest = 0 if config.max_rounds == 1 else len(tokenizer.encode(format_retrieved([]), add_special_tokens=False))
+    if max_retrieved_tokens < smallest:  # (one round: no block, the tokenizer is never used)
         raise ValueError(f"max_retrieved_tokens must be >= {smallest} (the block {format_retrieved([])!r}), "
                          f"got {max_retrieved_tokens}")
     chunk = -(-(max_retrieved_tokens + 1) // config.extend_bucket) * config.extend_bucket
