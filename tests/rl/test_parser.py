@@ -106,7 +106,7 @@ def test_answer_and_query_texts_do_not_depend_on_the_structure():
         [("m", THINK + "<query> \"Bacterial\n pneumonia\" </query>"), ("e", PASSAGE), ("m", THINK + ANSWER)],
     ]
     rows = row(*completions)
-    assert [r.answer for r in rows] == ["B. Bacterial pneumonia", "A", "B. Bacterial pneumonia", "B. Bacterial pneumonia"]
+    assert [r.answer for r in rows] == [GT, "A", GT, GT]
     assert [r.queries for r in rows] == [[], [], ["bacterial pneumonia"], ["Bacterial pneumonia"]]
     assert rows[0].kinds == [O] and rows[2].kinds[0] == O
     parsed = parse(*completions)
