@@ -108,5 +108,5 @@ def apply_checkpoint_run(c: ml_collections.ConfigDict, preset, *, images: int) -
     c.model = checkpoint_model(preset.checkpoint)
     c.data = data(demo=False, path=preset.data, max_prompt_length=8192, images=images)
     c.retrieval = retrieval(preset.corpus, preset.encoder, query_instruction=PAPER_QUERY_INSTRUCTION)
-    c.rollout = rollout()
+    c.rollout = rollout(retrieved_tokens=c.retrieval.max_retrieved_tokens)
     c.total_steps = preset.steps  # 0: num_epochs passes over the data
