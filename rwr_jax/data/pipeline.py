@@ -8,7 +8,7 @@
     prompts = engine.PromptBatch(**batch.prompt_fields())
 
 Stages: source -> [difficulty order] -> this process's shard -> map (load + process images,
-tokenise the chat prompt) -> filter (prompt length) -> shuffle(seed) -> repeat(epochs) ->
+tokenise the chat prompt) -> filter (the batch limits, `FitsLimits`) -> shuffle(seed) -> repeat(epochs) ->
 to_iter_dataset (read threads) -> batch (left-pad to a length bucket, mRoPE positions with
 `rope_index`, pack images into [N, patch bucket]) -> [mp_prefetch workers]. Every stage is
 NumPy; batches go to devices in the train loop. Shapes: T is the next multiple of
@@ -41,7 +41,9 @@ class PipelineConfig:
         batch_size: P, prompts per batch (per process).
         max_prompt_length: longest allowed prompt, in tokens (images included).
         length_bucket: T is rounded up to a multiple of this; None: T = max_prompt_length.
-        skip_long_prompts: leave out (count, log) longer prompts instead of raising.
+        skip_oversized: leave out (log, record) prompts over the batch limits (max_prompt_length,
+            max_images_per_prompt, num_patches) instead of raising, as ms-swift's default
+            truncation strategy "delete" does.
         system_prompt: the system turn (METHOD.md, "Prompt").
         max_images_per_prompt: images a record may have; 0 for text-only data (no `images`).
         num_patches: fixed patch bucket per image; None: power-of-two buckets per batch.
@@ -63,7 +65,7 @@ class PipelineConfig:
     batch_size: int
     max_prompt_length: int = 2048
     length_bucket: int | None = 128
-    skip_long_prompts: bool = False
+    skip_oversized: bool = False
     system_prompt: str = chat_template.DEFAULT_SYSTEM_PROMPT
     max_images_per_prompt: int = 1
     num_patches: int | None = None
@@ -170,10 +172,6 @@ class EncodePrompt:
 
     def __call__(self, record: records.Record) -> EncodedPrompt:
         config = self.config
-        where = f"record {record.id!r} ({record.location})"
-        if len(record.images) > config.max_images_per_prompt:
-            raise ValueError(f"{where} has {len(record.images)} images, more than data.max_images_per_prompt="
-                             f"{config.max_images_per_prompt}")
         grid = np.zeros((0, 3), np.int32)
         pixels = np.zeros((0, config.image.patch_dim), np.float32)
         loaded = [image_processing.load_image(path) for path in record.images]
@@ -182,10 +180,6 @@ class EncodePrompt:
         if record.images:
             processed = image_processing.process_images(loaded, config.image, names=record.images)
             grid, pixels = processed.grid_thw, processed.pixel_values
-            largest = int(grid.prod(axis=1).max())
-            if config.num_patches is not None and largest > config.num_patches:
-                raise ValueError(f"{where} has an image of {largest} patches, more than data.num_patches="
-                                 f"{config.num_patches}; lower image.max_pixels or raise num_patches")
         counts = image_processing.image_token_counts(grid, config.image.merge_size).tolist()
         with self._lock:
             tokens = chat_template.encode_prompt(self.tokenizer, record.question, counts, config.system_prompt)
@@ -193,24 +187,41 @@ class EncodePrompt:
                              clip_pixels=clip_pixels)
 
 
-class FitsPromptLength:
-    """Filter: True if the prompt fits max_prompt_length; else raises, or logs and records the id."""
+class FitsLimits:
+    """Filters for the batch limits: `images` (records, before their images load) checks
+    max_images_per_prompt, a call (encoded prompts) max_prompt_length and num_patches.
+
+    A record over a limit raises a ValueError naming it, or with `skip_oversized` is
+    logged once and recorded in `skipped` (record id -> problem; this process only).
+    """
 
     def __init__(self, config: PipelineConfig):
         self.config = config
-        self.skipped: dict[str, int] = {}  # record id -> prompt length (this process)
+        self.skipped: dict[str, str] = {}
+
+    def images(self, record: records.Record) -> bool:
+        limit = self.config.max_images_per_prompt
+        return len(record.images) <= limit or self._refuse(
+            record, f"has {len(record.images)} images, more than data.max_images_per_prompt={limit}",
+            "raise max_images_per_prompt")
 
     def __call__(self, encoded: EncodedPrompt) -> bool:
-        length, limit = len(encoded.tokens), self.config.max_prompt_length
-        if length <= limit:
-            return True
-        record = encoded.record
-        message = (f"record {record.id!r} ({record.location}): prompt has {length} tokens, more than "
-                   f"data.max_prompt_length={limit}")
-        if not self.config.skip_long_prompts:
-            raise ValueError(f"{message}; raise max_prompt_length or set data.skip_long_prompts")
+        config, record = self.config, encoded.record
+        if len(encoded.tokens) > config.max_prompt_length:
+            return self._refuse(record, f"prompt has {len(encoded.tokens)} tokens, more than "
+                                        f"data.max_prompt_length={config.max_prompt_length}", "raise max_prompt_length")
+        largest = int(encoded.grid_thw.prod(axis=1).max()) if len(encoded.grid_thw) else 0
+        if config.num_patches is not None and largest > config.num_patches:
+            return self._refuse(record, f"has an image of {largest} patches, more than data.num_patches="
+                                        f"{config.num_patches}", "lower image.max_pixels or raise num_patches")
+        return True
+
+    def _refuse(self, record: records.Record, problem: str, remedy: str) -> bool:
+        message = f"record {record.id!r} ({record.location}) {problem}"
+        if not self.config.skip_oversized:
+            raise ValueError(f"{message}; {remedy}, or set data.skip_oversized to leave such records out")
         if record.id not in self.skipped:
-            self.skipped[record.id] = length
+            self.skipped[record.id] = problem
             logging.warning("Skipping %s", message)
         return False
 
@@ -333,8 +344,8 @@ class PromptPipeline:
         self.records_per_shard = len(source) // shard_count
         if self.num_records == 0:
             raise ValueError(f"shard {shard_index} of {shard_count} has no records ({len(source)} in the source)")
-        self._fits = FitsPromptLength(config)
-        dataset = dataset.map(EncodePrompt(tokenizer, config)).filter(self._fits)
+        self._limits = FitsLimits(config)
+        dataset = dataset.filter(self._limits.images).map(EncodePrompt(tokenizer, config)).filter(self._limits)
         if config.shuffle and not config.curriculum:
             dataset = dataset.shuffle(seed=config.seed)
         dataset = dataset.repeat(config.num_epochs)
@@ -353,9 +364,9 @@ class PromptPipeline:
         return iter(self.dataset)
 
     @property
-    def skipped_long_prompts(self) -> dict[str, int]:
-        """Record id -> length of prompts skipped as too long (this process; workers log theirs)."""
-        return dict(self._fits.skipped)
+    def skipped_oversized(self) -> dict[str, str]:
+        """Record id -> why it was left out (`skip_oversized`; this process, workers log theirs)."""
+        return dict(self._limits.skipped)
 
 
 def _shard(config: PipelineConfig) -> tuple[int, int]:

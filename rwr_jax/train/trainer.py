@@ -93,6 +93,7 @@ def build_pipeline(cfg, workdir, tokenizer, model_config, clip_image=None) -> Pr
     config = PipelineConfig(batch_size=cfg.data.batch_size, max_prompt_length=cfg.data.max_prompt_length,
                             length_bucket=cfg.data.length_bucket or None, system_prompt=cfg.system_prompt,
                             max_images_per_prompt=cfg.data.max_images_per_prompt,
+                            skip_oversized=cfg.data.skip_oversized,
                             mrope=text.mrope_section is not None, seed=cfg.seed, curriculum=cfg.data.curriculum,
                             clip_image=clip_image, num_epochs=None if cfg.total_steps else cfg.num_epochs)
     vision = model_config.vision if isinstance(model_config, VLConfig) else None
@@ -161,7 +162,7 @@ def build_visual(cfg, workdir: str) -> visual_scoring.VisualScorer | None:
 
 def planned_steps(pipeline: PromptPipeline, num_epochs: int) -> int:
     """Optimiser steps of `num_epochs` passes over the data: full batches of the smallest
-    process shard (prompts later skipped as too long end the data earlier)."""
+    process shard (records later skipped as oversized end the data earlier)."""
     steps = pipeline.records_per_shard * num_epochs // pipeline.config.batch_size
     if steps < 1:
         raise ValueError(f"{num_epochs} epoch(s) of {pipeline.records_per_shard} records per process make no batch "
@@ -281,7 +282,7 @@ def train(cfg, workdir: str, *, stop_after: int | None = None) -> TrainState:
             batch = next(iterator)
         except StopIteration:
             exhausted = True
-            logging.warning("the data ran out after step %d of %d (prompts skipped as too long?)", step, c.total_steps)
+            logging.warning("the data ran out after step %d of %d (records skipped as oversized?)", step, c.total_steps)
             break
         train_batch, metrics, sample = experience(cfg, c, state.params, batch, jax.random.fold_in(base_key, step))
         state, step_metrics = train_step(

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import pathlib
 
 import jax
 import numpy as np
@@ -179,13 +180,38 @@ def long_source(tmp_path):
 
 def test_long_prompt_raises_or_is_skipped(long_source, tokenizer):
     settings = dict(max_images_per_prompt=0, num_epochs=1, drop_remainder=False, shuffle=False, batch_size=2)
-    with pytest.raises(ValueError, match=r"record 'too-long' \(.*long.jsonl:3\): prompt has 3\d\d tokens, more "
-                                         r"than data.max_prompt_length=256"):
+    with pytest.raises(ValueError, match=r"record 'too-long' \(.*long.jsonl:3\) prompt has 3\d\d tokens, more "
+                                         r"than data.max_prompt_length=256; raise max_prompt_length, or set "
+                                         r"data.skip_oversized"):
         _batches(long_source, tokenizer, **settings)
-    config = _config(skip_long_prompts=True, **settings)
+    config = _config(skip_oversized=True, **settings)
     prompts = pipeline.PromptPipeline(long_source, tokenizer, config)
     assert _real_ids(list(prompts)) == ["r0", "r1", "r3", "r4"]
-    assert list(prompts.skipped_long_prompts) == ["too-long"]
+    assert list(prompts.skipped_oversized) == ["too-long"]
+    assert prompts.skipped_oversized["too-long"].startswith("prompt has 3")
+
+
+def test_records_over_the_image_limits_raise_or_are_skipped(image_source, tokenizer):
+    """A record with 2 images (max_images_per_prompt 1), an image over a fixed num_patches."""
+    rows = [json.loads(line) for line in open(image_source.path)][:4]
+    rows[1]["images"] = rows[1]["images"] + rows[0]["images"]
+    path = pathlib.Path(image_source.path).with_name("two_images.jsonl")  # the images' directory
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    source = records.JsonlSource(str(path))
+    settings = dict(num_epochs=1, drop_remainder=False, shuffle=False, batch_size=2)
+    with pytest.raises(ValueError, match=r"record '[\w-]+' \(.*two_images.jsonl:2\) has 2 images, more than "
+                                         r"data.max_images_per_prompt=1; raise max_images_per_prompt, or set "
+                                         r"data.skip_oversized"):
+        _batches(source, tokenizer, **settings)
+    prompts = pipeline.PromptPipeline(source, tokenizer, _config(skip_oversized=True, **settings), VISION)
+    assert _real_ids(list(prompts)) == [rows[i]["id"] for i in (0, 2, 3)]
+    assert prompts.skipped_oversized == {rows[1]["id"]: "has 2 images, more than data.max_images_per_prompt=1"}
+    with pytest.raises(ValueError, match=r"\(.*two_images.jsonl:1\) has an image of \d+ patches, more than "
+                                         r"data.num_patches=4; lower image.max_pixels or raise num_patches"):
+        _batches(source, tokenizer, num_patches=4, **settings)
+    prompts = pipeline.PromptPipeline(source, tokenizer, _config(skip_oversized=True, num_patches=4, **settings),
+                                      VISION)
+    assert list(prompts) == [] and len(prompts.skipped_oversized) == 4
 
 
 def test_text_only_and_1d_positions(text_source, image_source, tokenizer):
