@@ -275,51 +275,74 @@ def train(cfg, workdir: str, *, stop_after: int | None = None) -> TrainState:
                                     max_completion_length=cfg.rollout.max_completion_length)
     base_key = jax.random.key(cfg.seed)
     start, ran, clock, exhausted = int(state.step), 0, time.perf_counter(), False
-    for step in range(start, c.total_steps):
-        if stop_after is not None and ran == stop_after:
-            break
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            exhausted = True
-            logging.warning("the data ran out after step %d of %d (records skipped as oversized?)", step, c.total_steps)
-            break
-        train_batch, metrics, sample = experience(cfg, c, state.params, batch, jax.random.fold_in(base_key, step))
-        state, step_metrics = train_step(
-            c.model, c.optimizer, state, train_batch, c.initial_params, loss_config=loss_config,
-            num_micro_batches=cfg.train.num_micro_batches, chunk_size=cfg.train.logprob_chunk,
-            prompt_length=batch.tokens.shape[1], prompt_group=shared_prompt_group(
-                cfg.rollout.group_size, train_batch.tokens.shape[0], cfg.train.num_micro_batches),
-            **packed_sizes(train_batch.loss_mask, train_batch.token_mask, cfg.train.num_micro_batches,
-                           cfg.train.logprob_chunk))
-        ran += 1
-        metrics.update({f"train/{k}": float(v) for k, v in step_metrics.items()})
-        skipped = int(state.opt_state.notfinite_count)  # non-finite updates in a row, skipped (params kept)
-        if skipped:
-            logging.warning("step %d: non-finite loss or gradients (loss %s); update skipped, %d in a row (the run "
-                            "stops at optimizer.max_consecutive_nonfinite=%d)", step + 1, metrics["train/loss"],
-                            skipped, cfg.optimizer.max_consecutive_nonfinite)
-        elapsed = time.perf_counter() - clock
-        metrics["perf/steps_per_s"] = ran / elapsed
-        metrics["perf/eta_s"] = (c.total_steps - step - 1) * elapsed / ran
-        if (step + 1) % cfg.log_every == 0 or step + 1 == c.total_steps:
-            writer.write_scalars(step + 1, metrics)
-        if (step + 1) % cfg.sample_every == 0:
-            writer.write_texts(step + 1, {"sample": sample})
-        give_up = skipped >= cfg.optimizer.max_consecutive_nonfinite
-        checkpoint.save(manager, step + 1, state, iterator, {"elapsed_s": elapsed},
-                        force=step + 1 == c.total_steps or give_up)
-        if give_up:
-            manager.wait_until_finished()
-            writer.close()
-            raise FloatingPointError(
-                f"steps {step + 2 - skipped}-{step + 1}: {skipped} non-finite updates in a row "
-                f"(optimizer.max_consecutive_nonfinite={cfg.optimizer.max_consecutive_nonfinite}); the checkpoint "
-                f"of step {step + 1} in {manager.directory} holds the last finite parameters")
-    if exhausted and manager.latest_step() != int(state.step):
-        checkpoint.save(manager, int(state.step), state, iterator, force=True)
-    manager.wait_until_finished()
-    writer.close()
+    position = iterator.get_state()  # the data `state` has been trained on
+    try:
+        for step in range(start, c.total_steps):
+            if stop_after is not None and ran == stop_after:
+                break
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                exhausted = True
+                logging.warning("the data ran out after step %d of %d (records skipped as oversized?)", step,
+                                c.total_steps)
+                break
+            train_batch, metrics, sample = experience(cfg, c, state.params, batch, jax.random.fold_in(base_key, step))
+            state, step_metrics = train_step(
+                c.model, c.optimizer, state, train_batch, c.initial_params, loss_config=loss_config,
+                num_micro_batches=cfg.train.num_micro_batches, chunk_size=cfg.train.logprob_chunk,
+                prompt_length=batch.tokens.shape[1], prompt_group=shared_prompt_group(
+                    cfg.rollout.group_size, train_batch.tokens.shape[0], cfg.train.num_micro_batches),
+                **packed_sizes(train_batch.loss_mask, train_batch.token_mask, cfg.train.num_micro_batches,
+                               cfg.train.logprob_chunk))
+            position = iterator.get_state()
+            ran += 1
+            metrics.update({f"train/{k}": float(v) for k, v in step_metrics.items()})
+            skipped = int(state.opt_state.notfinite_count)  # non-finite updates in a row, skipped (params kept)
+            if skipped:
+                logging.warning("step %d: non-finite loss or gradients (loss %s); update skipped, %d in a row (the "
+                                "run stops at optimizer.max_consecutive_nonfinite=%d)", step + 1,
+                                metrics["train/loss"], skipped, cfg.optimizer.max_consecutive_nonfinite)
+            elapsed = time.perf_counter() - clock
+            metrics["perf/steps_per_s"] = ran / elapsed
+            metrics["perf/eta_s"] = (c.total_steps - step - 1) * elapsed / ran
+            if (step + 1) % cfg.log_every == 0 or step + 1 == c.total_steps:
+                writer.write_scalars(step + 1, metrics)
+            if (step + 1) % cfg.sample_every == 0:
+                writer.write_texts(step + 1, {"sample": sample})
+            give_up = skipped >= cfg.optimizer.max_consecutive_nonfinite
+            checkpoint.save(manager, step + 1, state, iterator, {"elapsed_s": elapsed},
+                            force=step + 1 == c.total_steps or give_up)
+            if give_up:
+                raise FloatingPointError(
+                    f"steps {step + 2 - skipped}-{step + 1}: {skipped} non-finite updates in a row "
+                    f"(optimizer.max_consecutive_nonfinite={cfg.optimizer.max_consecutive_nonfinite}); the "
+                    f"checkpoint of step {step + 1} in {manager.directory} holds the last finite parameters")
+        if exhausted and manager.latest_step() != int(state.step):
+            checkpoint.save(manager, int(state.step), state, iterator, force=True)
+    except BaseException:  # an error, Ctrl-C: keep the steps done since the last checkpoint
+        if ran:
+            _checkpoint_failed_run(manager, state, iterator, position)
+        raise
+    finally:
+        manager.wait_until_finished()
+        writer.close()
     if (int(state.step) == c.total_steps or exhausted) and cfg.export_hf:
         convert.save_hf_checkpoint(state.params, c.model_config, c.hf_config, os.path.join(workdir, "hf_export"))
     return state
+
+
+def _checkpoint_failed_run(manager, state: TrainState, iterator, position: dict) -> None:
+    """Checkpoints `state` of a run that is failing, with the data position it was trained
+    up to (a batch that failed is read again on resume), unless its step is saved already."""
+    try:
+        step = int(state.step)
+        if manager.latest_step() == step:
+            return
+        iterator.set_state(position)
+        checkpoint.save(manager, step, state, iterator, force=True)
+        manager.wait_until_finished()
+        logging.error("the run failed after step %d; saved it in %s (the same command resumes)", step,
+                      manager.directory)
+    except Exception as error:  # pylint: disable=broad-except  # the run's own error is the one to raise
+        logging.error("the run failed, and checkpointing its last step failed too: %r", error)

@@ -55,14 +55,29 @@ def test_stage2_demo_command(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_is_bitwise_identical(tmp_path):
-    """2 steps in one go == 1 step, stop, resume from the checkpoint, 1 more (the
-    programs compile once: tests share a compilation cache, see conftest)."""
-    cfg = _config(2, checkpoint__save_every=1)
+def test_resume_is_bitwise_identical(tmp_path, monkeypatch):
+    """3 steps in one go == 2 steps, a crash in step 3 (an error after its batch was read),
+    the same command resumed, 1 more step. Only step 1 was due a save (orbax saves the
+    first step; save_every 3): the failing run checkpoints step 2 with the data position
+    before the failed batch. (The programs compile once: tests share a compilation cache,
+    see conftest.)"""
+    cfg = _config(3)
     straight = trainer.train(cfg, str(tmp_path / "straight"))
-    trainer.train(cfg, str(tmp_path / "resumed"), stop_after=1)
+    experience, calls = trainer.experience, []
+
+    def crash_in_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return experience(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "experience", crash_in_step_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.train(cfg, str(tmp_path / "resumed"))
+    assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["1", "2"]
+    monkeypatch.setattr(trainer, "experience", experience)
     resumed = trainer.train(cfg, str(tmp_path / "resumed"))
-    assert int(resumed.step) == int(straight.step) == 2
+    assert int(resumed.step) == int(straight.step) == 3
     for a, b in zip(jax.tree_util.tree_leaves(resumed.params), jax.tree_util.tree_leaves(straight.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     for a, b in zip(jax.tree_util.tree_leaves(resumed.opt_state), jax.tree_util.tree_leaves(straight.opt_state)):
