@@ -216,6 +216,13 @@ def test_fingerprint_names_what_changes_the_embeddings(tiny_encoder_dir):
     assert (plain["dim"], plain["pooling"], plain["normalize"], plain["max_length"]) == (32, "cls", True, 64)
     mean = TextEncoder(tiny_encoder_dir, pooling="mean", query_instruction="q: ").fingerprint()
     assert {k for k in plain if plain[k] != mean[k]} == {"pooling", "query_instruction"}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_encoder_dir, local_files_only=True)
+    encoder = TextEncoder(tiny_encoder_dir, tokenizer=tokenizer)
+    encoder.encode_passages(["chest pain"])  # sets the tokenizer's truncation: not part of its identity
+    assert encoder.fingerprint() == plain
+    tokenizer.add_tokens(["myocarditis"])  # another tokenizer, the same weights
+    other = TextEncoder(tiny_encoder_dir, tokenizer=tokenizer).fingerprint()
+    assert {k for k in plain if plain[k] != other[k]} == {"tokenizer_sha256"}
 
 
 def test_empty_query_raises_with_its_index(tiny_encoder_dir):

@@ -9,6 +9,7 @@ counts them.
 """
 
 import hashlib
+import json
 import os
 from typing import Any, Sequence
 
@@ -98,6 +99,7 @@ class TextEncoder:
         self._compiled: list[tuple[int, int]] = []
         self._forward = jax.jit(self._embed)
         self._weights_sha256: str | None = None
+        self._tokenizer_sha256: str | None = None
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str, **kwargs: Any) -> "TextEncoder":
@@ -124,8 +126,8 @@ class TextEncoder:
 
         Returns:
           JSON-serialisable dict: directory name, dim, pooling, normalize,
-          query_instruction, max_length, dtype and the sha256 of the weight files
-          (computed on first call, then cached).
+          query_instruction, max_length, dtype, the sha256 of the weight files and
+          that of the tokenizer (`tokenizer_sha256`; computed on first call, then cached).
         """
         if self._weights_sha256 is None:
             digest = hashlib.sha256()
@@ -134,10 +136,12 @@ class TextEncoder:
                     for block in iter(lambda f=f: f.read(1 << 20), b""):
                         digest.update(block)
             self._weights_sha256 = digest.hexdigest()
+            self._tokenizer_sha256 = tokenizer_sha256(self.tokenizer)
         c = self.config
         return {"name": os.path.basename(os.path.normpath(self.checkpoint_dir)), "dim": self.dim,
                 "pooling": c.pooling, "normalize": c.normalize, "query_instruction": c.query_instruction,
-                "max_length": c.max_length, "dtype": c.dtype, "weights_sha256": self._weights_sha256}
+                "max_length": c.max_length, "dtype": c.dtype, "weights_sha256": self._weights_sha256,
+                "tokenizer_sha256": self._tokenizer_sha256}
 
     def _embed(self, params, tokens, token_mask):
         # Runs only while tracing, i.e. once per new input shape.
@@ -208,3 +212,17 @@ class TextEncoder:
         """
         _check_texts(passages, "passages", allow_empty=True)
         return self.encode(passages)
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    """sha256 of what decides a HF tokenizer's ids: a fast tokenizer's whole definition
+    (vocabulary, normaliser, pre-tokeniser, post-processor, added tokens; not its current
+    truncation / padding state, which each call sets), or a slow one's class and vocabulary."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        definition = json.loads(backend.to_str())
+        definition.pop("truncation", None)
+        definition.pop("padding", None)
+    else:
+        definition = [type(tokenizer).__name__, sorted(tokenizer.get_vocab().items())]
+    return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
