@@ -56,6 +56,8 @@ def base(seed: int = 0) -> ml_collections.ConfigDict:
     c.log_every = 1
     c.sample_every = 10
     c.export_hf = True
+    # The device mesh (sizes of data, fsdp, tensor; one may be -1: the remaining devices)
+    # and the logical-axis rules placing params and activations on it (rwr_jax/sharding.py).
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.sharding_rules = [list(rule) for rule in sharding.DEFAULT_RULES]
     return c
@@ -114,3 +116,6 @@ def apply_checkpoint_run(c: ml_collections.ConfigDict, preset, *, images: int) -
     c.retrieval = retrieval(preset.corpus, preset.encoder, query_instruction=PAPER_QUERY_INSTRUCTION)
     c.rollout = rollout(retrieved_tokens=c.retrieval.max_retrieved_tokens)
     c.total_steps = preset.steps  # 0: num_epochs passes over the data
+    # Params, reference and AdamW state sharded over every device (ZeRO-3 style, as the
+    # release's DeepSpeed): replicated, a 7B policy's ~150 GB would fill each device.
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))

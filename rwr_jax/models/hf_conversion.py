@@ -79,6 +79,12 @@ def linear_hf_shape(shape: Shape, n_in: int) -> Shape:
     return int(np.prod(shape[n_in:])), int(np.prod(shape[:n_in]))
 
 
+def unboxed(leaf):
+    """A param leaf without its logical-axis box. Unlike `nn.unbox`, applies no sharding
+    constraint under a mesh (these are host-side shape reads and copies)."""
+    return leaf.unbox(apply_constraint=False) if isinstance(leaf, nn.Partitioned) else leaf
+
+
 def build_table(abstract_params: Any, kernel_hf_shape: Callable[[Path, Shape], Shape]) -> dict[str, Entry]:
     """HF tensor name -> Entry, for every leaf of an abstract param tree.
 
@@ -92,7 +98,7 @@ def build_table(abstract_params: Any, kernel_hf_shape: Callable[[Path, Shape], S
     """
     table = {}
     for path, leaf in flatten_params(abstract_params).items():
-        shape = tuple(nn.unbox(leaf).shape)
+        shape = tuple(unboxed(leaf).shape)
         if path[-1] == "kernel":
             hf_shape = tuple(kernel_hf_shape(path, shape))
         elif path[-1] == "bias":
@@ -127,7 +133,7 @@ def check_params_match(params: Any, table: dict[str, Entry], where: str) -> None
       where: what the params are, to start the message with.
     """
     expected = {entry.path: entry.shape for entry in table.values()}
-    found = {path: tuple(np.shape(nn.unbox(leaf))) for path, leaf in flatten_params(params).items()}
+    found = {path: tuple(np.shape(unboxed(leaf))) for path, leaf in flatten_params(params).items()}
     for path in sorted(set(expected) | set(found)):
         name = hf_name(path)
         if path not in found:
@@ -217,7 +223,7 @@ def iter_hf_tensors(params: Any, table: dict[str, Entry], dtype: Any = None) -> 
     check_params_match(params, table, where="params")
     by_path = {entry.path: entry for entry in table.values()}
     for path, leaf in flatten_params(params).items():
-        array = np.asarray(jax.device_get(nn.unbox(leaf)))
+        array = np.asarray(jax.device_get(unboxed(leaf)))
         if dtype is not None:
             array = array.astype(dtype)
         yield hf_name(path), to_hf(array, by_path[path])

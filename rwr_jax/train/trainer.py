@@ -3,25 +3,26 @@
     components = build(config, workdir)
     train(config, workdir)        # resumes from the latest checkpoint in workdir
 
-Phases, each a short function: model (checkpoint or demo init), data (grain prompt
-pipeline), retrieval (text encoder + index), the visual reward's CLIP (`visual_scoring`),
-then the loop: roll out G completions per prompt, parse and score them, compute group
-advantages, one jitted update; metrics and sample completions to TensorBoard and the
-console; orbax checkpoints with the data iterator's position; the trained policy
-exported as Hugging Face safetensors.
+Phases, each a short function: model (checkpoint or demo init, placed on the config's
+device mesh by the logical-axis rules), data (grain prompt pipeline), retrieval (text
+encoder + index), the visual reward's CLIP (`visual_scoring`), then the loop: roll out
+G completions per prompt, parse and score them, compute group advantages, one jitted
+update; metrics and sample completions to TensorBoard and the console; orbax
+checkpoints with the data iterator's position (also when the run fails); the trained
+policy exported as Hugging Face safetensors.
 """
 
 import dataclasses
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rwr_jax import config_lib, registry
+from rwr_jax import config_lib, registry, sharding
 from rwr_jax.data import demo as demo_data, records, tokenizer as tokenizer_lib
 from rwr_jax.data.pipeline import PipelineConfig, PromptPipeline
 from rwr_jax.models.clip import demo as clip_demo
@@ -42,6 +43,8 @@ from rwr_jax.train.step import (TrainState, _embeds, _image_features, packed_siz
 class Components:
     """Everything the loop uses, built once."""
 
+    mesh: jax.sharding.Mesh
+    rules: sharding.Rules
     model: Any
     model_config: Any
     hf_config: dict
@@ -65,18 +68,22 @@ def _demo_model_config(cfg) -> DecoderConfig | VLConfig:
     return VLConfig(text=text, vision=VisionConfig(**dict(cfg.model.vision)))
 
 
-def build_model(cfg, tokenizer):
-    """(model, config, params, hf config.json dict) from a checkpoint or the demo init."""
+def build_model(cfg, tokenizer, mesh: jax.sharding.Mesh, rules: sharding.Rules):
+    """(model, config, params, hf config.json dict) from a checkpoint or the demo init; the
+    params placed on `mesh` as the logical-axis `rules` say."""
     numerics = {k: cfg.model[k] for k in ("dtype", "param_dtype", "attention_kernel", "remat_policy")}
     if cfg.model.checkpoint:
         path = os.path.join(cfg.model.checkpoint, "config.json")
         is_vl = os.path.isfile(path) and "vision_config" in open(path).read()
         config, hf_config = (read_vl_config if is_vl else read_hf_config)(cfg.model.checkpoint, **numerics)
-        return convert.build_model(config), config, convert.load_hf_params(cfg.model.checkpoint, config), hf_config
+        shardings = sharding.logical_shardings(convert.abstract_params(config), mesh, rules)
+        params = convert.load_hf_params(cfg.model.checkpoint, config, shardings=shardings)
+        return convert.build_model(config), config, params, hf_config
     config = _demo_model_config(cfg)
-    params = convert.init_params(config, cfg.seed)
+    shardings = sharding.logical_shardings(convert.abstract_params(config), mesh, rules)
+    params = convert.init_params(config, cfg.seed, shardings)
     if cfg.model.get("format_prior"):
-        params = format_prior.apply_format_prior(params, tokenizer)
+        params = jax.device_put(format_prior.apply_format_prior(params, tokenizer), shardings)
     hf_config = (convert.vl_to_hf_config(config) if isinstance(config, VLConfig) else convert.to_hf_config(config))
     return convert.build_model(config), config, params, hf_config
 
@@ -170,11 +177,17 @@ def planned_steps(pipeline: PromptPipeline, num_epochs: int) -> int:
     return steps
 
 
-def build(cfg, workdir: str) -> Components:
+def build(cfg, workdir: str, devices: Sequence[jax.Device] | None = None) -> Components:
+    """Everything the loop uses; the mesh (`cfg.mesh`) over `devices` (default: all)."""
+    if jax.process_count() > 1:
+        raise NotImplementedError(
+            f"{jax.process_count()} processes: the trainer runs on the devices of one host (each process would "
+            "pass its own prompts as if they were the global batch); multi-host rollouts are not built yet")
     _check_rewards(cfg)
     visual = build_visual(cfg, workdir)
     tokenizer = tokenizer_lib.load_tokenizer(cfg.tokenizer_path or None)
-    model, model_config, params, hf_config = build_model(cfg, tokenizer)
+    mesh, rules = sharding.make_mesh(dict(cfg.mesh), devices), sharding.rules_from_config(cfg.sharding_rules)
+    model, model_config, params, hf_config = build_model(cfg, tokenizer, mesh, rules)
     text = model_config.text if isinstance(model_config, VLConfig) else model_config
     frozen = ("visual",) if isinstance(model_config, VLConfig) and model_config.freeze_vision else ()
     pipeline = build_pipeline(cfg, workdir, tokenizer, model_config, visual.image_config if visual else None)
@@ -182,7 +195,7 @@ def build(cfg, workdir: str) -> Components:
     opt_config = optimizer_lib.OptimizerConfig(total_steps=total_steps, frozen_prefixes=frozen, **dict(cfg.optimizer))
     uses_retrieval = cfg.rollout.max_rounds > 1
     return Components(
-        model=model, model_config=model_config, hf_config=hf_config, tokenizer=tokenizer, initial_params=params,
+        mesh=mesh, rules=rules, model=model, model_config=model_config, hf_config=hf_config, tokenizer=tokenizer, initial_params=params,
         pipeline=pipeline, total_steps=total_steps,
         retrieve=build_retrieve(cfg, workdir) if uses_retrieval else (lambda queries: [[] for _ in queries]),
         text_tables=parser.build_text_tables(tokenizer, text.vocab_size),
@@ -245,28 +258,40 @@ def experience(cfg, c: Components, params, batch, key):
 
 
 def _initial_state(c: Components) -> TrainState:
+    """Step 0 on the mesh: optimiser moments sharded like their params, scalars replicated."""
     params = jax.tree_util.tree_map(jnp.copy, c.initial_params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=c.optimizer.init(params))
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=c.optimizer.init(params))
+    replicated = jax.sharding.NamedSharding(c.mesh, jax.sharding.PartitionSpec())
+    return jax.device_put(state, jax.tree_util.tree_map(
+        lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding) else replicated, state))
 
 
-def train(cfg, workdir: str, *, stop_after: int | None = None) -> TrainState:
+def train(cfg, workdir: str, *, stop_after: int | None = None,
+          devices: Sequence[jax.Device] | None = None) -> TrainState:
     """Runs (or resumes) training in `workdir`.
 
     Args:
       cfg: the config (configs/stage1.py or stage2.py).
       workdir: checkpoints, TensorBoard events, the demo data, the index, the export.
       stop_after: stop after this many steps of this process (simulates preemption).
+      devices: the devices of the mesh `cfg.mesh` describes (default: all).
 
     Returns:
       The final train state.
     """
-    c = build(cfg, workdir)
+    c = build(cfg, workdir, devices)
+    with jax.set_mesh(c.mesh), sharding.axis_rules(c.rules):
+        return _train(cfg, workdir, c, stop_after)
+
+
+def _train(cfg, workdir: str, c: Components, stop_after: int | None) -> TrainState:
     writer = MetricWriter(os.path.join(workdir, "tensorboard"))
     manager = checkpoint.make_manager(checkpoint.CheckpointConfig(
         directory=os.path.join(workdir, "checkpoints"), save_every=cfg.checkpoint.save_every,
         keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save))
     iterator = iter(c.pipeline)
     state = _initial_state(c)
+    layout = jax.tree_util.tree_map(lambda x: x.sharding, state)
     restored = checkpoint.restore(manager, checkpoint.abstract_like(state), iterator)
     if restored is not None:
         state = restored[0]
@@ -295,6 +320,7 @@ def train(cfg, workdir: str, *, stop_after: int | None = None) -> TrainState:
                     cfg.rollout.group_size, train_batch.tokens.shape[0], cfg.train.num_micro_batches),
                 **packed_sizes(train_batch.loss_mask, train_batch.token_mask, cfg.train.num_micro_batches,
                                cfg.train.logprob_chunk))
+            state = jax.device_put(state, layout)  # as it came in (XLA may choose others): no recompiles
             position = iterator.get_state()
             ran += 1
             metrics.update({f"train/{k}": float(v) for k, v in step_metrics.items()})

@@ -1,4 +1,8 @@
-"""The GRPO trainer end to end on the demo presets: it runs and resumes exactly."""
+"""The GRPO trainer end to end on the demo presets: it runs and resumes exactly.
+
+The test process has 8 fake CPU devices (conftest.py); in-process runs use one of them
+(`ONE_DEVICE`) except the one that checks the trainer on a 2 x 2 x 2 mesh of all 8.
+"""
 
 import os
 import subprocess
@@ -8,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from configs import stage1, stage2
 from rwr_jax.data import demo as demo_data, records, tokenizer as tokenizer_lib
@@ -15,6 +20,7 @@ from rwr_jax.data.pipeline import PipelineConfig, PromptPipeline
 from rwr_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ONE_DEVICE = jax.devices()[:1]
 
 
 def _config(steps, **changes):
@@ -62,7 +68,7 @@ def test_resume_is_bitwise_identical(tmp_path, monkeypatch):
     before the failed batch. (The programs compile once: tests share a compilation cache,
     see conftest.)"""
     cfg = _config(3)
-    straight = trainer.train(cfg, str(tmp_path / "straight"))
+    straight = trainer.train(cfg, str(tmp_path / "straight"), devices=ONE_DEVICE)
     experience, calls = trainer.experience, []
 
     def crash_in_step_3(*args, **kwargs):
@@ -73,10 +79,10 @@ def test_resume_is_bitwise_identical(tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer, "experience", crash_in_step_3)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        trainer.train(cfg, str(tmp_path / "resumed"))
+        trainer.train(cfg, str(tmp_path / "resumed"), devices=ONE_DEVICE)
     assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["1", "2"]
     monkeypatch.setattr(trainer, "experience", experience)
-    resumed = trainer.train(cfg, str(tmp_path / "resumed"))
+    resumed = trainer.train(cfg, str(tmp_path / "resumed"), devices=ONE_DEVICE)
     assert int(resumed.step) == int(straight.step) == 3
     for a, b in zip(jax.tree_util.tree_leaves(resumed.params), jax.tree_util.tree_leaves(straight.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -97,27 +103,36 @@ def test_nonfinite_updates_are_skipped_and_too_many_in_a_row_stop_the_run(tmp_pa
 
     monkeypatch.setattr(trainer, "experience", poisoned)
     workdir = str(tmp_path)
-    state = trainer.train(_config(2, optimizer__max_consecutive_nonfinite=3), workdir)
+    state = trainer.train(_config(2, optimizer__max_consecutive_nonfinite=3), workdir, devices=ONE_DEVICE)
     assert int(state.step) == 2 and int(state.opt_state.notfinite_count) == 2
-    initial = trainer.build(_config(2), str(tmp_path / "initial")).initial_params
+    initial = trainer.build(_config(2), str(tmp_path / "initial"), ONE_DEVICE).initial_params
     for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(initial)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(FloatingPointError, match=r"steps 1-3: 3 non-finite updates in a row"):
-        trainer.train(_config(4, optimizer__max_consecutive_nonfinite=3), workdir)
+        trainer.train(_config(4, optimizer__max_consecutive_nonfinite=3), workdir, devices=ONE_DEVICE)
     assert os.path.isdir(tmp_path / "checkpoints" / "3")  # saved although not due (save_every=3 in the demo)
 
 
 @pytest.mark.slow
 def test_total_steps_0_means_num_epochs_passes_and_running_out_of_data_ends_the_run(tmp_path, monkeypatch):
     """3 records, batch 2, 1 epoch: 1 full batch. Planned for more steps than that (as when
-    prompts are skipped as too long), the run ends when the data does: checkpointed, exported."""
+    records are skipped as oversized), the run ends when the data does: checkpointed,
+    exported. On a 2 x 2 x 2 (data, fsdp, tensor) mesh of 8 devices: params and optimiser
+    moments stay sharded as the rules say."""
     cfg = _config(1, data__demo_size=3)
     cfg.total_steps, cfg.export_hf = 0, True
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
     planned = trainer.planned_steps
     monkeypatch.setattr(trainer, "planned_steps", lambda pipeline, epochs: planned(pipeline, epochs) + 2)
     state = trainer.train(cfg, str(tmp_path))
     assert int(state.step) == 1
     assert os.path.isdir(tmp_path / "checkpoints" / "1") and os.path.isdir(tmp_path / "hf_export")
+    mlp = state.params["model"]["layers_0"]["mlp"]
+    moments = state.opt_state.inner_state[1][0].mu["model"]["layers_0"]["mlp"]
+    for tree in (mlp, moments):
+        assert tree["gate_proj"]["kernel"].sharding.spec == P("fsdp", "tensor")
+        assert tree["down_proj"]["kernel"].sharding.spec == P("tensor", "fsdp")
+    assert state.params["lm_head"]["kernel"].sharding.spec == P("fsdp", "tensor")
 
 
 def test_planned_steps_count_full_batches_of_the_smallest_shard(tmp_path):

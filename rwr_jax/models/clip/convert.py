@@ -44,7 +44,6 @@ import os
 import re
 from typing import Any, Iterable, Iterator
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -165,7 +164,7 @@ def save_hf_checkpoint(params: Any, config: ClipConfig, out_dir: str,
     table = conversion_table(config)
     hf_conversion.check_params_match(params, table, where="params")
     flat = hf_conversion.flatten_params(params)
-    tensors = ((name, hf_conversion.to_hf(np.asarray(jax.device_get(nn.unbox(flat[entry.path]))), entry))
+    tensors = ((name, hf_conversion.to_hf(np.asarray(jax.device_get(hf_conversion.unboxed(flat[entry.path]))), entry))
                for name, entry in table.items())
     checkpoint_io.write_checkpoint(out_dir, tensors)
     size = config.vision.image_size

@@ -20,7 +20,6 @@ and no merges.
 import math
 import os
 
-import flax.linen as nn
 import numpy as np
 from tokenizers import pre_tokenizers
 from transformers import CLIPTokenizer
@@ -54,7 +53,7 @@ def random_params(config: ClipConfig, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     flat = {}
     for path, leaf in hf_conversion.flatten_params(convert.abstract_params(config)).items():
-        shape = nn.unbox(leaf).shape
+        shape = hf_conversion.unboxed(leaf).shape
         if path[-1] == "logit_scale":
             value = np.full(shape, math.log(1 / 0.07))
         elif path[-1] in ("scale", "bias"):
