@@ -71,20 +71,22 @@ def _demo_model_config(cfg) -> DecoderConfig | VLConfig:
 def build_model(cfg, tokenizer, mesh: jax.sharding.Mesh, rules: sharding.Rules):
     """(model, config, params, hf config.json dict) from a checkpoint or the demo init; the
     params placed on `mesh` as the logical-axis `rules` say."""
-    numerics = {k: cfg.model[k] for k in ("dtype", "param_dtype", "attention_kernel", "remat_policy")}
-    if cfg.model.checkpoint:
-        path = os.path.join(cfg.model.checkpoint, "config.json")
+    checkpoint = cfg.model.checkpoint
+    if checkpoint:
+        numerics = {k: cfg.model[k] for k in ("dtype", "param_dtype", "attention_kernel", "remat_policy")}
+        path = os.path.join(checkpoint, "config.json")
         is_vl = os.path.isfile(path) and "vision_config" in open(path).read()
-        config, hf_config = (read_vl_config if is_vl else read_hf_config)(cfg.model.checkpoint, **numerics)
-        shardings = sharding.logical_shardings(convert.abstract_params(config), mesh, rules)
-        params = convert.load_hf_params(cfg.model.checkpoint, config, shardings=shardings)
-        return convert.build_model(config), config, params, hf_config
-    config = _demo_model_config(cfg)
+        config, hf_config = (read_vl_config if is_vl else read_hf_config)(checkpoint, **numerics)
+    else:
+        config = _demo_model_config(cfg)
+        hf_config = convert.vl_to_hf_config(config) if isinstance(config, VLConfig) else convert.to_hf_config(config)
     shardings = sharding.logical_shardings(convert.abstract_params(config), mesh, rules)
-    params = convert.init_params(config, cfg.seed, shardings)
-    if cfg.model.get("format_prior"):
-        params = jax.device_put(format_prior.apply_format_prior(params, tokenizer), shardings)
-    hf_config = (convert.vl_to_hf_config(config) if isinstance(config, VLConfig) else convert.to_hf_config(config))
+    if checkpoint:
+        params = convert.load_hf_params(checkpoint, config, shardings=shardings)
+    else:
+        params = convert.init_params(config, cfg.seed, shardings)
+        if cfg.model.get("format_prior"):
+            params = jax.device_put(format_prior.apply_format_prior(params, tokenizer), shardings)
     return convert.build_model(config), config, params, hf_config
 
 
@@ -195,8 +197,8 @@ def build(cfg, workdir: str, devices: Sequence[jax.Device] | None = None) -> Com
     opt_config = optimizer_lib.OptimizerConfig(total_steps=total_steps, frozen_prefixes=frozen, **dict(cfg.optimizer))
     uses_retrieval = cfg.rollout.max_rounds > 1
     return Components(
-        mesh=mesh, rules=rules, model=model, model_config=model_config, hf_config=hf_config, tokenizer=tokenizer, initial_params=params,
-        pipeline=pipeline, total_steps=total_steps,
+        mesh=mesh, rules=rules, model=model, model_config=model_config, hf_config=hf_config, tokenizer=tokenizer,
+        initial_params=params, pipeline=pipeline, total_steps=total_steps,
         retrieve=build_retrieve(cfg, workdir) if uses_retrieval else (lambda queries: [[] for _ in queries]),
         text_tables=parser.build_text_tables(tokenizer, text.vocab_size),
         stop_tables=stop_strings.build_stop_tables(stop_strings.token_bytes_of(tokenizer, text.vocab_size),

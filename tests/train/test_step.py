@@ -182,16 +182,16 @@ def test_nonfinite_update_is_skipped_and_counted():
 
 
 def test_sharded_step_equals_one_device():
-    """On a 2 x 2 x 2 (data, fsdp, tensor) mesh of 8 fake CPU devices (conftest.py), params
-    and optimiser moments sharded by the logical-axis rules, the trainer's packed update
-    equals the one on one device, and the new state keeps its shardings."""
+    """On a (data 2, fsdp 2, tensor 2) mesh of 8 fake CPU devices (conftest.py), params
+    sharded by the logical-axis rules, the trainer's packed update (the "rope" case above)
+    equals the one on one device, and the new params keep their shardings."""
     assert jax.device_count() == 8, "conftest.py must force 8 host devices before jax is imported"
     model, params, batch = _setup(group=4)
     _, ref_params, _ = _setup(seed=1, group=4)
     loss_config = losses.LossConfig(loss_type="dapo", beta=0.05, max_completion_length=COMPLETION)
-    tx = optimizer_lib.make_optimizer(optimizer_lib.OptimizerConfig(learning_rate=1e-2, warmup_ratio=0.0,
-                                                                    total_steps=10), params)
-    sizes = step_lib.packed_sizes(batch.loss_mask, batch.token_mask, 2, 4)
+    tx = optax.apply_if_finite(optax.sgd(1.0), 3)
+    count = lambda m: int(np.asarray(m).reshape(2, -1).sum(axis=1).max())  # noqa: E731
+    sizes = dict(loss_tokens=count(batch.loss_mask), completion_tokens=count(batch.token_mask[:, PROMPT:]))
     one, one_metrics = _step(model, params, batch, tx, loss_config, 2, 4, ref_params, **sizes)
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     boxed = jax.eval_shape(model.init, jax.random.key(0), batch.tokens, batch.positions, batch.token_mask)["params"]
@@ -201,13 +201,11 @@ def test_sharded_step_equals_one_device():
         sharded, sharded_metrics = _step(model, placed, batch, tx, loss_config, 2, 4, placed_ref, **sizes)
     for name in one_metrics:
         np.testing.assert_allclose(sharded_metrics[name], one_metrics[name], rtol=1e-5, atol=1e-6, err_msg=name)
-    # Adam's first step is lr * g / (|g| + eps): where |g| is near eps the summation order
-    # of the sharded gradient shows (up to ~0.2 % of lr here), elsewhere it is rounding.
     for a, b in zip(jax.tree_util.tree_leaves(sharded.params), jax.tree_util.tree_leaves(one.params)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for new, placed_leaf in zip(jax.tree_util.tree_leaves(sharded.params), jax.tree_util.tree_leaves(placed)):
+        assert new.sharding.is_equivalent_to(placed_leaf.sharding, new.ndim)
     gate = sharded.params["model"]["layers_0"]["mlp"]["gate_proj"]["kernel"]
     assert gate.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
-    moments = sharded.opt_state.inner_state[1][0].mu["model"]["layers_0"]["mlp"]["gate_proj"]["kernel"]
-    assert moments.sharding.spec == gate.sharding.spec
-    initial = params["model"]["layers_0"]["mlp"]["gate_proj"]["kernel"]
-    assert float(np.abs(np.asarray(gate) - np.asarray(initial)).max()) > 5e-3  # the update moved it
+    moved = np.asarray(one.params["lm_head"]["kernel"]) - np.asarray(params["lm_head"]["kernel"])
+    assert float(np.abs(moved).max()) > 1e-3  # the update is not a no-op
