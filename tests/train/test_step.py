@@ -54,6 +54,12 @@ def _step(model, params, batch, tx, loss_config, micro, prompt_group=1, ref_para
                       chunk_size=4, prompt_length=PROMPT, prompt_group=prompt_group, **sizes)
 
 
+def _tightest_sizes(batch, micro):
+    """`train_step`'s loss_tokens / completion_tokens: the largest micro-batch's exact counts."""
+    count = lambda m: int(np.asarray(m).reshape(micro, -1).sum(axis=1).max())  # noqa: E731
+    return dict(loss_tokens=count(batch.loss_mask), completion_tokens=count(batch.token_mask[:, PROMPT:]))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
 def test_micro_batches_equal_full_batch(loss_type):
@@ -94,8 +100,7 @@ def test_packed_work_equals_a_full_forward_per_row(micro, group, mrope):
     _, ref_params, _ = _setup(seed=1, group=4, mrope=mrope)
     loss_config = losses.LossConfig(loss_type="dapo", beta=0.05, max_completion_length=COMPLETION)
     tx = optax.apply_if_finite(optax.sgd(1.0), 3)
-    count = lambda m: int(np.asarray(m).reshape(micro, -1).sum(axis=1).max())  # noqa: E731 (the tightest sizes)
-    sizes = dict(loss_tokens=count(batch.loss_mask), completion_tokens=count(batch.token_mask[:, PROMPT:]))
+    sizes = _tightest_sizes(batch, micro)
     assert sizes["loss_tokens"] <= sizes["completion_tokens"] < ROWS // micro * COMPLETION
     packed, packed_metrics = _step(model, params, batch, tx, loss_config, micro, group, ref_params, **sizes)
     full, full_metrics = _step(model, params, batch, tx, loss_config, micro, 1, ref_params)
@@ -190,8 +195,7 @@ def test_sharded_step_equals_one_device():
     _, ref_params, _ = _setup(seed=1, group=4)
     loss_config = losses.LossConfig(loss_type="dapo", beta=0.05, max_completion_length=COMPLETION)
     tx = optax.apply_if_finite(optax.sgd(1.0), 3)
-    count = lambda m: int(np.asarray(m).reshape(2, -1).sum(axis=1).max())  # noqa: E731
-    sizes = dict(loss_tokens=count(batch.loss_mask), completion_tokens=count(batch.token_mask[:, PROMPT:]))
+    sizes = _tightest_sizes(batch, 2)
     one, one_metrics = _step(model, params, batch, tx, loss_config, 2, 4, ref_params, **sizes)
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     boxed = jax.eval_shape(model.init, jax.random.key(0), batch.tokens, batch.positions, batch.token_mask)["params"]
