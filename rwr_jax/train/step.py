@@ -267,14 +267,16 @@ def packed_sizes(loss_mask: np.ndarray, token_mask: np.ndarray, num_micro_batche
 
     Returns:
       {"loss_tokens": N, "completion_tokens": M}: the largest micro-batch's count of
-      loss tokens / of real completion tokens, bucketed, at most a micro-batch's B / m * C.
+      loss tokens / of real completion tokens, bucketed with at least one chunk (short
+      batches share one program, as `Trajectory.trimmed` does), at most a
+      micro-batch's B / m * C.
     """
     loss_mask = np.asarray(loss_mask)
     completion_mask = np.asarray(token_mask)[:, -loss_mask.shape[1]:]
     limit = loss_mask.size // num_micro_batches
 
     def bucket(mask):
-        return min(packing.token_bucket(int(mask.reshape(num_micro_batches, -1).sum(axis=1).max()), chunk_size),
-                   limit)
+        count = int(mask.reshape(num_micro_batches, -1).sum(axis=1).max())
+        return min(packing.token_bucket(max(count, chunk_size), chunk_size), limit)
 
     return {"loss_tokens": bucket(loss_mask), "completion_tokens": bucket(completion_mask)}

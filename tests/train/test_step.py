@@ -129,6 +129,8 @@ def test_packed_sizes_cover_the_largest_micro_batch():
     assert step_lib.packed_sizes(loss_mask[:2], token_mask[:2], 1, 4) == {"loss_tokens": 12, "completion_tokens": 12}
     assert step_lib.packed_sizes(loss_mask[:2], token_mask[:2], 2, 4) == {"loss_tokens": 8, "completion_tokens": 8}
     assert step_lib.packed_sizes(loss_mask, token_mask, 1, 16) == {"loss_tokens": 32, "completion_tokens": 32}
+    # 2 loss tokens, less than a chunk: one chunk (not 2), so short batches share a program.
+    assert step_lib.packed_sizes(loss_mask[1:2], token_mask[1:2], 1, 4) == {"loss_tokens": 4, "completion_tokens": 4}
 
 
 @pytest.mark.parametrize("size", ["loss_tokens", "completion_tokens"])
