@@ -27,7 +27,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """[..., D] -> [..., D] in `dtype`."""
-        scale = self.param("scale", logical_init(nn.initializers.ones_init(), ("embed",)), (x.shape[-1],),
+        scale = self.param("scale", logical_init(nn.initializers.ones_init(), ("norm",)), (x.shape[-1],),
                            self.param_dtype)
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)

@@ -213,5 +213,7 @@ def test_sharded_step_equals_one_device():
         assert new.sharding.is_equivalent_to(placed_leaf.sharding, new.ndim)
     gate = sharded.params["model"]["layers_0"]["mlp"]["gate_proj"]["kernel"]
     assert gate.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    # [embed] norm scales stay whole: sharded over fsdp, each norm would regather its activations.
+    assert sharded.params["model"]["layers_0"]["input_layernorm"]["scale"].sharding.is_fully_replicated
     moved = np.asarray(one.params["lm_head"]["kernel"]) - np.asarray(params["lm_head"]["kernel"])
     assert float(np.abs(moved).max()) > 1e-3  # the update is not a no-op

@@ -68,8 +68,8 @@ def patchify(pixel_values: jax.Array, patch_size: int) -> jax.Array:
 def _layer_norm(config: ClipConfig, eps: float, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(
         epsilon=eps, dtype=config.jnp_dtype, param_dtype=config.jnp_param_dtype, use_fast_variance=False,
-        scale_init=logical_init(nn.initializers.ones_init(), ("embed",)),
-        bias_init=logical_init(nn.initializers.zeros_init(), ("embed",)), name=name)
+        scale_init=logical_init(nn.initializers.ones_init(), ("norm",)),
+        bias_init=logical_init(nn.initializers.zeros_init(), ("norm",)), name=name)
 
 
 class Attention(nn.Module):

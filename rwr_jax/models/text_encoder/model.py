@@ -26,8 +26,8 @@ _MEAN_EPS = 1e-9
 def _layer_norm(c: EncoderConfig, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(
         epsilon=c.layer_norm_eps, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype, use_fast_variance=False,
-        scale_init=logical_init(nn.initializers.ones_init(), ("embed",)),
-        bias_init=logical_init(nn.initializers.zeros_init(), ("embed",)), name=name)
+        scale_init=logical_init(nn.initializers.ones_init(), ("norm",)),
+        bias_init=logical_init(nn.initializers.zeros_init(), ("norm",)), name=name)
 
 
 def _dense(c: EncoderConfig, features: int, axes: tuple[str, str], name: str) -> nn.Dense:
