@@ -51,12 +51,7 @@ def load_model(cfg, mesh, rules) -> tuple[DecoderConfig, dict, dict | None]:
     if cfg.model.checkpoint:
         params = convert.load_hf_params(cfg.model.checkpoint, config, shardings=shardings)
     else:
-        model = DecoderLM(config)
-        tokens = jnp.zeros((1, 1), jnp.int32)
-        init = lambda key: model.init(key, tokens, tokens, tokens >= 0)["params"]  # noqa: E731
-        params = jax.jit(lambda key: jax.tree_util.tree_map(lambda x: x.unbox(), init(key),
-                                                            is_leaf=lambda x: hasattr(x, "unbox")),
-                         out_shardings=shardings)(jax.random.key(cfg.seed))
+        params = convert.init_params(config, cfg.seed, shardings)
     return config, params, hf_config
 
 
