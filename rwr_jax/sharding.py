@@ -23,7 +23,7 @@ Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 # Activations: batch over data x fsdp, features like their parameters.
 DEFAULT_RULES: Rules = (
     ("embed", "fsdp"),
-    ("norm", None),  # [embed] norm scales and biases: tiny; sharded, each norm regathers activations
+    ("norm", None),  # [embed] norm scales / biases: replicated (sharded, each norm regathered its activations)
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
