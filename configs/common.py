@@ -56,6 +56,9 @@ def base(seed: int = 0) -> ml_collections.ConfigDict:
     c.log_every = 1
     c.sample_every = 10
     c.export_hf = True
+    # Persistent XLA compilation cache: a resumed run (crash, preemption) loads its compiled
+    # programs instead of compiling them again. "" = off; JAX_COMPILATION_CACHE_DIR, if set, wins.
+    c.compilation_cache_dir = "{workdir}/compilation_cache"
     # The device mesh (sizes of data, fsdp, tensor; one may be -1: the remaining devices)
     # and the logical-axis rules placing params and activations on it (rwr_jax/sharding.py).
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

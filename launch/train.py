@@ -5,7 +5,8 @@ r"""Med-RwR GRPO training (stage 1: text MCQ; stage 2: multimodal MCQ with all r
 data=/data/medqa.jsonl,corpus=/data/textbooks.jsonl,encoder=/models/bge-m3 --workdir=/ckpt/stage1
 
 Resumes from the latest checkpoint in --workdir; writes TensorBoard events under
-<workdir>/tensorboard and exports the trained policy to <workdir>/hf_export.
+<workdir>/tensorboard, compiled programs under <workdir>/compilation_cache (config
+`compilation_cache_dir`) and exports the trained policy to <workdir>/hf_export.
 """
 
 import os
@@ -13,6 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -26,10 +28,18 @@ _STOP_AFTER = flags.DEFINE_integer("stop_after", None, "Stop after this many ste
                                    "preemption and resume).")
 
 
+def enable_compilation_cache(cache_dir: str, workdir: str) -> None:
+    """Points JAX's persistent compilation cache at `cache_dir` ("{workdir}" filled in; "" = off)
+    unless the environment's JAX_COMPILATION_CACHE_DIR already chose one."""
+    if cache_dir and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", cache_dir.format(workdir=workdir))
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     host_memory.keep_freed_memory()  # before JAX starts its CPU backend (see rwr_jax/host_memory.py)
+    enable_compilation_cache(_CONFIG.value.compilation_cache_dir, _WORKDIR.value)
     trainer.train(_CONFIG.value, _WORKDIR.value, stop_after=_STOP_AFTER.value)
 
 

@@ -38,9 +38,11 @@ def _config(steps, **changes):
 @pytest.mark.slow
 def test_stage2_demo_command(tmp_path):
     """The README's first command: real retrieval rounds, TensorBoard events,
-    checkpoints, and an HF export that transformers loads."""
+    checkpoints, compiled programs in the workdir's cache, and an HF export that
+    transformers loads."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the tests' shared cache (conftest.py) would win
     result = subprocess.run([sys.executable, "launch/train.py", "--config=configs/stage2.py:demo,steps=3",
                              f"--workdir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stderr[-5000:]
@@ -54,6 +56,7 @@ def test_stage2_demo_command(tmp_path):
     assert len(visual) == 3 and all(0 < abs(v) <= 0.1 for v in visual), visual
     assert len(events.Scalars("train/loss")) == 3
     assert os.path.isdir(tmp_path / "checkpoints" / "3")
+    assert any(name.startswith("jit_train_step") for name in os.listdir(tmp_path / "compilation_cache"))
     import torch
     import transformers
     model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "hf_export",
