@@ -14,11 +14,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from rwr_jax import host_memory  # noqa: E402
+from rwr_jax import config_lib, host_memory  # noqa: E402
 from rwr_jax.train import trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/stage2.py:demo.",
@@ -28,18 +27,11 @@ _STOP_AFTER = flags.DEFINE_integer("stop_after", None, "Stop after this many ste
                                    "preemption and resume).")
 
 
-def enable_compilation_cache(cache_dir: str, workdir: str) -> None:
-    """Points JAX's persistent compilation cache at `cache_dir` ("{workdir}" filled in; "" = off)
-    unless the environment's JAX_COMPILATION_CACHE_DIR already chose one."""
-    if cache_dir and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        jax.config.update("jax_compilation_cache_dir", cache_dir.format(workdir=workdir))
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     host_memory.keep_freed_memory()  # before JAX starts its CPU backend (see rwr_jax/host_memory.py)
-    enable_compilation_cache(_CONFIG.value.compilation_cache_dir, _WORKDIR.value)
+    config_lib.enable_compilation_cache(_CONFIG.value.compilation_cache_dir, _WORKDIR.value)
     trainer.train(_CONFIG.value, _WORKDIR.value, stop_after=_STOP_AFTER.value)
 
 

@@ -4,10 +4,12 @@
     get_config("demo,max_new_tokens=8")     -> Preset(demo=True, max_new_tokens=8, ...)
 
 Bare words set booleans to True; `key=value` is parsed with the type of the default;
-an unknown key raises ValueError listing the known ones.
+an unknown key raises ValueError listing the known ones. Also: `decoder_fields` (a
+config's model section -> DecoderConfig arguments) and `enable_compilation_cache`.
 """
 
 import dataclasses
+import os
 from typing import Any
 
 import ml_collections
@@ -51,3 +53,13 @@ def decoder_fields(config: Any) -> dict[str, Any]:
 
     names = {f.name for f in dataclasses.fields(DecoderConfig)}
     return {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items() if k in names}
+
+
+def enable_compilation_cache(cache_dir: str, workdir: str) -> None:
+    """Points JAX's persistent compilation cache at `cache_dir` ("{workdir}" filled in; "" = off)
+    unless the environment's JAX_COMPILATION_CACHE_DIR already chose one (config field
+    `compilation_cache_dir`: a resumed run loads its compiled programs)."""
+    import jax  # pylint: disable=g-import-not-at-top  (configs stay importable without jax)
+
+    if cache_dir and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", cache_dir.format(workdir=workdir))

@@ -43,3 +43,17 @@ def test_parse_preset_types():
         config_lib.parse_preset("steps=many", steps=1)
     with pytest.raises(ValueError, match="needs a value"):
         config_lib.parse_preset("steps", steps=1)
+
+
+def test_eval_presets():
+    module = _load("eval.py")
+    real, demo = module.get_config(None), module.get_config("demo")
+    assert real.rollout.temperature == 0.0 and real.rollout.group_size == 1  # greedy, one completion
+    assert demo.rollout.group_size == 1 and demo.model.checkpoint == "" and demo.data.demo
+    text = module.get_config("demo,text")
+    assert text.data.max_images_per_prompt == 0 and "image" not in text.system_prompt
+    assert "model" not in text or "vision" not in text.model
+    on = module.get_config("checkpoint=/ckpt/hf_export,cdir,cases=/d/cases.jsonl,clip=/m/clip,limit=5")
+    assert (on.model.checkpoint, on.cdir.enabled, on.cdir.threshold) == ("/ckpt/hf_export", True, 0.9)
+    assert (on.cdir.corpus_path, on.cdir.clip_checkpoint, on.data.limit) == ("/d/cases.jsonl", "/m/clip", 5)
+    assert not module.get_config("demo").cdir.enabled

@@ -20,14 +20,19 @@ where retrieval actually helps:
   (56 to 112 pixels a side) drawing the finding (shape, colour and count of marks) and
   ask for the condition shown or its treatment (two retrieval hops: finding ->
   condition -> treatment);
+- `cases.jsonl` (multimodal only; `retrieval.image_index`'s case-corpus format: `id`,
+  `image`, `caption`) holds one solved case per training image, its caption naming the
+  finding, the condition and its treatment: the similar-case corpus of CDIR
+  (`eval.cdir`);
 - rows follow the Med-RwR schema (`rwr_jax.data.records`): 4 options A-D in the
   question and in `options`, `answer` "B. text", a `difficulty` per question kind, and
   the extra fields `condition` and `kind` (ignored by the parser, used by tests).
 
 Files written under `out_dir`: `train.jsonl`, `eval.jsonl`, `corpus.jsonl`,
-`images/{train,eval}-NNNNN.png` (multimodal only) and `README.md`. Re-running with the
-same arguments rewrites identical bytes (files whose bytes are unchanged are not
-touched); demo images of an earlier, larger run are removed.
+`images/{train,eval}-NNNNN.png` and `cases.jsonl` (multimodal only), `README.md`.
+Re-running with the same arguments rewrites identical bytes (files whose bytes are
+unchanged are not touched); demo images of an earlier, larger run, and the cases of
+an earlier multimodal run, are removed.
 """
 
 from __future__ import annotations
@@ -82,6 +87,7 @@ class DemoPaths:
     corpus: str
     images_dir: str
     readme: str
+    cases: str  # written for multimodal sets only
 
 
 def generate_demo_data(out_dir: str | os.PathLike[str], num_train: int = 256, num_eval: int = 64, seed: int = 0,
@@ -108,7 +114,7 @@ def generate_demo_data(out_dir: str | os.PathLike[str], num_train: int = 256, nu
     root = os.path.abspath(os.fspath(out_dir))
     paths = DemoPaths(root=root, train=os.path.join(root, "train.jsonl"), eval=os.path.join(root, "eval.jsonl"),
                       corpus=os.path.join(root, "corpus.jsonl"), images_dir=os.path.join(root, "images"),
-                      readme=os.path.join(root, "README.md"))
+                      readme=os.path.join(root, "README.md"), cases=os.path.join(root, "cases.jsonl"))
     os.makedirs(paths.images_dir, exist_ok=True)
     conditions = make_conditions(num_conditions, seed)
     _write_jsonl(paths.corpus, corpus_passages(conditions, seed))
@@ -119,6 +125,10 @@ def generate_demo_data(out_dir: str | os.PathLike[str], num_train: int = 256, nu
             _write_if_changed(os.path.join(paths.images_dir, name), png)
         images.update(split_images)
         _write_jsonl(path, rows)
+        if multimodal and split == "train":
+            _write_jsonl(paths.cases, demo_cases(rows, conditions))
+    if not multimodal and os.path.isfile(paths.cases):
+        os.remove(paths.cases)
     for name in os.listdir(paths.images_dir):
         if _IMAGE_NAME.match(name) and name not in images:
             os.remove(os.path.join(paths.images_dir, name))
@@ -161,6 +171,18 @@ def corpus_passages(conditions: list[Condition], seed: int) -> list[dict]:
                      f"a specialist after imaging."},
         ]
     return passages
+
+
+def demo_cases(rows: list[dict], conditions: list[Condition]) -> list[dict]:
+    """CDIR's case corpus: per multimodal row, its image and a caption solving the case."""
+    by_id = {c.id: c for c in conditions}
+    cases = []
+    for row in rows:
+        c = by_id[row["condition"]]
+        cases.append({"id": f"case-{row['id']}", "image": row["images"][0],
+                      "caption": f"Imaging shows {c.finding}. Diagnosis: {c.name}. First-line treatment: "
+                                 f"{c.treatment}."})
+    return cases
 
 
 def _make_split(split, count, conditions, seed, multimodal) -> tuple[list[dict], dict[str, bytes]]:

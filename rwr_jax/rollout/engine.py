@@ -202,7 +202,8 @@ def _cut_after_query(state: sampler.DecodeState, tokens: np.ndarray, length: np.
                          logprobs=state.logprobs.at[rows, slots].set(logprobs))
 
 
-def _block_ids(tokenizer, passages: list[list[Passage]], limit: int) -> tuple[list[list[int]], list[list[Passage]]]:
+def retrieved_block_ids(tokenizer, passages: list[list[Passage]],
+                        limit: int) -> tuple[list[list[int]], list[list[Passage]]]:
     """Tokenises each row's retrieved block once, trimming passages to fit `limit` tokens.
 
     Returns:
@@ -287,7 +288,7 @@ def rollout(model, params, prompts: PromptBatch, tokenizer, retrieve: Retrieve, 
         searchable = [b for b in paused if round_queries[b]]
         finish[[b for b in paused if not round_queries[b]]] = FINISH_REASONS_INDEX["empty_query"]
         results = retrieve([round_queries[b] for b in searchable]) if searchable else []
-        blocks, results = _block_ids(tokenizer, results, max_retrieved_tokens)
+        blocks, results = retrieved_block_ids(tokenizer, results, max_retrieved_tokens)
         chunk_ids = np.zeros((batch, chunk), np.int32)
         chunk_mask = np.zeros((batch, chunk), bool)
         env_count = np.zeros((batch,), np.int32)

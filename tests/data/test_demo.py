@@ -102,6 +102,24 @@ def test_corpus_and_readme(multimodal):
     assert "SYNTHETIC" in open(multimodal.readme).read()
 
 
+def test_cdir_cases_solve_the_training_images(tmp_path, multimodal):
+    from rwr_jax.retrieval import image_index  # pylint: disable=g-import-not-at-top
+    train, cases = _rows(multimodal.train), _rows(multimodal.cases)
+    assert [c["id"] for c in cases] == [f"case-{r['id']}" for r in train]
+    conditions = {c.id: c for c in demo.make_conditions(24, seed=3)}
+    for row, case in zip(train, cases):
+        condition = conditions[row["condition"]]
+        assert case["image"] == row["images"][0]
+        assert case["caption"] == (f"Imaging shows {condition.finding}. Diagnosis: {condition.name}. First-line "
+                                   f"treatment: {condition.treatment}.")
+    corpus = image_index.ImageCorpus(multimodal.cases)  # the image index's case-corpus format
+    assert len(corpus) == 24 and not corpus.missing_images()
+    text_only = demo.generate_demo_data(tmp_path, num_train=4, num_eval=2, seed=3)
+    assert os.path.isfile(text_only.cases)
+    assert not os.path.exists(demo.generate_demo_data(tmp_path, num_train=4, num_eval=2, seed=3,
+                                                      multimodal=False).cases)
+
+
 def test_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="num_conditions must be in 4..80, got 2"):
         demo.generate_demo_data(tmp_path, num_conditions=2)

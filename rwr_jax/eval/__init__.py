@@ -1,0 +1,1 @@
+"""Evaluation: benchmark accuracy with retrieval rounds, and CDIR."""
