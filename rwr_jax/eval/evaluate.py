@@ -53,7 +53,8 @@ def answer_fields(row: parser.RowParse, logprobs: np.ndarray, truth: parser.Grou
     """
     index, _, free_match = parser.score_answer(row.answer, truth)
     confidence = None if row.answer_token_index < 0 else float(np.exp(logprobs[row.answer_token_index]))
-    return {"prediction": None if row.answer is None else row.answer.strip(), "letter": parser.LETTERS[index] if index >= 0 else "",
+    return {"prediction": None if row.answer is None else row.answer.strip(),
+            "letter": parser.LETTERS[index] if index >= 0 else "",
             "correct": bool(free_match if truth.free_text else index == truth.letter), "confidence": confidence}
 
 
@@ -113,13 +114,31 @@ class _Cdir:
     prompts: cdir_lib.SecondPassPrompts
 
 
-def _build_cdir(cfg, workdir: str, tokenizer, config: PipelineConfig, model_config) -> _Cdir:
+def check_config(cfg) -> cdir_lib.CdirConfig | None:
+    """Refuses settings evaluation cannot use before anything is loaded; returns the CDIR settings (None: off)."""
+    if cfg.rollout.group_size != 1:
+        raise ValueError(f"rollout.group_size must be 1 for evaluation, got {cfg.rollout.group_size}")
+    c = cfg.cdir
+    if not c.enabled:
+        return None
+    if cfg.data.max_images_per_prompt == 0:
+        raise ValueError("cdir.enabled needs multimodal records: data.max_images_per_prompt is 0")
+    if not c.get("demo"):
+        for name, exists in (("clip_checkpoint", os.path.isdir), ("corpus_path", os.path.isfile)):
+            if not exists(c[name]):
+                raise ValueError(f"cdir.{name} {c[name]!r} does not exist: CDIR needs a local CLIP checkpoint "
+                                 "directory (preset clip=DIR) and a case corpus jsonl (preset cases=FILE)")
+    return cdir_lib.CdirConfig(threshold=c.threshold, think=c.think, query=c.query, max_case_tokens=c.max_case_tokens)
+
+
+def _build_cdir(cfg, workdir: str, settings: cdir_lib.CdirConfig, tokenizer, config: PipelineConfig,
+                model_config) -> _Cdir:
     """The image index over the case corpus (built on first use) and the second-pass prompts."""
     from rwr_jax.models.clip import demo as clip_demo  # pylint: disable=g-import-not-at-top
     from rwr_jax.retrieval import image_index, index as index_lib  # pylint: disable=g-import-not-at-top
 
-    if not isinstance(model_config, VLConfig) or config.max_images_per_prompt == 0:
-        raise ValueError("cdir.enabled needs a vision-language model and data.max_images_per_prompt >= 1")
+    if not isinstance(model_config, VLConfig):
+        raise ValueError("cdir.enabled needs a vision-language model (a Qwen2.5-VL checkpoint)")
     c = cfg.cdir
     clip_path, corpus_path = c.clip_checkpoint, c.corpus_path
     if c.get("demo"):  # a random CLIP; the demo's solved training cases
@@ -133,8 +152,6 @@ def _build_cdir(cfg, workdir: str, tokenizer, config: PipelineConfig, model_conf
         os.makedirs(index_dir, exist_ok=True)
         corpus = image_index.ImageCorpus(corpus_path, os.path.join(index_dir, index_lib.OFFSETS_FILE))
         retriever = image_index.build_image_index(index_dir, corpus, encoder)
-    settings = cdir_lib.CdirConfig(threshold=c.threshold, think=c.think, query=c.query,
-                                   max_case_tokens=c.max_case_tokens)
     prompts = cdir_lib.SecondPassPrompts(tokenizer, config, model_config.vision, settings,
                                          cfg.rollout.max_completion_length)
     return _Cdir(settings, retriever, prompts)
@@ -147,8 +164,6 @@ class _Evaluator:
         self.cfg, self.model, self.params, self.tokenizer, self.retrieve, self.cdir = (
             cfg, model, params, tokenizer, retrieve, cdir)
         self.rollout_config = trainer.rollout_config(cfg)
-        if self.rollout_config.group_size != 1:
-            raise ValueError(f"rollout.group_size must be 1 for evaluation, got {self.rollout_config.group_size}")
         self.text_tables = parser.build_text_tables(tokenizer, vocab_size)
         self.stop_tables = stop_strings.build_stop_tables(stop_strings.token_bytes_of(tokenizer, vocab_size),
                                                           ("</query>", "</answer>"))
@@ -223,6 +238,7 @@ def evaluate(cfg, workdir: str, devices: Sequence[jax.Device] | None = None) -> 
     """
     if jax.process_count() > 1:
         raise NotImplementedError(f"{jax.process_count()} processes: evaluation runs on the devices of one host")
+    settings = check_config(cfg)
     os.makedirs(workdir, exist_ok=True)
     path = eval_data_path(cfg, workdir)
     chosen = _records(records.JsonlSource(path, records.RecordsConfig(skip_malformed=cfg.data.skip_malformed)),
@@ -234,7 +250,7 @@ def evaluate(cfg, workdir: str, devices: Sequence[jax.Device] | None = None) -> 
                  predictions_path)
     if todo:
         positions = {record.id: index for index, record in enumerate(chosen)}
-        _run(cfg, workdir, todo, positions, predictions_path, devices)
+        _run(cfg, workdir, settings, todo, positions, predictions_path, devices)
     wanted = {record.id for record in chosen}
     metrics = predictions_lib.summarize([line for key, line in predictions_lib.read_predictions(
         predictions_path).items() if key in wanted], cdir=cfg.cdir.enabled)
@@ -245,8 +261,8 @@ def evaluate(cfg, workdir: str, devices: Sequence[jax.Device] | None = None) -> 
     return metrics
 
 
-def _run(cfg, workdir: str, todo: list[records.Record], positions: dict[str, int], predictions_path: str,
-         devices: Sequence[jax.Device] | None) -> None:
+def _run(cfg, workdir: str, settings: cdir_lib.CdirConfig | None, todo: list[records.Record],
+         positions: dict[str, int], predictions_path: str, devices: Sequence[jax.Device] | None) -> None:
     """Evaluates the `todo` records batch by batch, appending their lines to predictions_path;
     `positions`: each evaluated record's index in the whole set."""
     tokenizer = tokenizer_lib.load_tokenizer(cfg.tokenizer_path or None)
@@ -258,7 +274,7 @@ def _run(cfg, workdir: str, todo: list[records.Record], positions: dict[str, int
         pipeline = PromptPipeline(todo, tokenizer, config, vision_config)
         retrieve = (trainer.build_retrieve(cfg, workdir) if cfg.rollout.max_rounds > 1
                     else (lambda queries: [[] for _ in queries]))
-        cdir = _build_cdir(cfg, workdir, tokenizer, config, model_config) if cfg.cdir.enabled else None
+        cdir = None if settings is None else _build_cdir(cfg, workdir, settings, tokenizer, config, model_config)
         text = model_config.text if isinstance(model_config, VLConfig) else model_config
         evaluator = _Evaluator(cfg, model, params, tokenizer, retrieve, cdir, text.vocab_size)
         by_id = {record.id: record for record in todo}

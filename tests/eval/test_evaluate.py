@@ -61,6 +61,21 @@ def test_repeated_ids_are_refused_naming_both_lines(tmp_path):
     assert [r.id for r in evaluate._records(source, 2)] == ["1", "2"]  # data.limit: the first ones only
 
 
+@pytest.mark.parametrize("preset, override, message", [
+    ("demo", ("rollout", "group_size", 4), "rollout.group_size must be 1 for evaluation, got 4"),
+    ("demo,text,cdir", None, "cdir.enabled needs multimodal records"),
+    ("cdir,clip=/nowhere/clip", None, r"cdir.clip_checkpoint '/nowhere/clip' does not exist"),
+    ("demo,cdir", ("cdir", "threshold", 0.0), "cdir.threshold must be in"),
+])
+def test_unusable_settings_are_refused_before_anything_loads(tmp_path, preset, override, message):
+    cfg = eval_config.get_config(preset)
+    if override:
+        cfg[override[0]][override[1]] = override[2]
+    with pytest.raises(ValueError, match=message):
+        evaluate.evaluate(cfg, str(tmp_path / "work"))
+    assert not os.path.exists(tmp_path / "work")
+
+
 @pytest.mark.slow
 def test_demo_evaluation_resumed_after_a_crash_equals_one_run(tmp_path):
     cfg = eval_config.get_config("demo,limit=8")
