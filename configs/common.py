@@ -62,6 +62,7 @@ def base(seed: int = 0) -> ml_collections.ConfigDict:
     # The device mesh (sizes of data, fsdp, tensor; one may be -1: the remaining devices)
     # and the logical-axis rules placing params and activations on it (rwr_jax/sharding.py).
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.mesh_devices = 0  # the mesh spans the first N devices of the host (0: all)
     c.sharding_rules = [list(rule) for rule in sharding.DEFAULT_RULES]
     return c
 
@@ -70,7 +71,8 @@ def demo_text_model(vision: bool) -> ml_collections.ConfigDict:
     """A tiny random model over the real Qwen vocabulary (CPU demo): Qwen2.5-VL-shaped
     (mRoPE + vision tower) for stage 2, a plain Qwen2 decoder for text-only stage 1."""
     model = dict(checkpoint="", vocab_size=151_680, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                 num_kv_heads=2, mrope_section=[4, 2, 2] if vision else None, rope_theta=1_000_000.0, tie_word_embeddings=False,
+                 num_kv_heads=2, mrope_section=[4, 2, 2] if vision else None, rope_theta=1_000_000.0,
+                 tie_word_embeddings=False,
                  dtype="float32", param_dtype="float32", attention_kernel="xla", remat_policy="none",
                  format_prior=True, freeze_vision=True)
     if vision:
@@ -100,6 +102,7 @@ def data(*, demo: bool, path: str = "", max_prompt_length: int, images: int) -> 
 def apply_demo(c: ml_collections.ConfigDict, *, vision: bool, steps: int) -> None:
     """CPU-demo sizes: tiny model, 2 prompts x 4 completions, 48 tokens per round."""
     c.model = demo_text_model(vision=vision)
+    c.mesh_devices = 1  # a tiny model: one device, also on a host with many
     c.data = data(demo=True, max_prompt_length=512 if vision else 384, images=1 if vision else 0)
     c.retrieval = retrieval()
     c.retrieval.max_retrieved_tokens = 160

@@ -48,6 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.system_prompt = chat_template.DEFAULT_TEXT_SYSTEM_PROMPT if preset.text else chat_template.DEFAULT_SYSTEM_PROMPT
     c.compilation_cache_dir = "{workdir}/compilation_cache"
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.mesh_devices = 1 if preset.demo else 0  # the first N devices of the host (0: all)
     c.sharding_rules = [list(rule) for rule in sharding.DEFAULT_RULES]
     if preset.demo:
         c.model = common.demo_text_model(vision=not preset.text)
@@ -64,10 +65,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.rollout = common.rollout(group_size=1, retrieved_tokens=c.retrieval.max_retrieved_tokens)
     if preset.checkpoint:
         c.model = common.checkpoint_model(preset.checkpoint)
-    # Inference: no rematerialisation; bf16 weights on accelerators (float32 for the CPU demo).
+    # Inference: no rematerialisation; bf16 on accelerators, float32 for the CPU demo (also of
+    # a checkpoint, e.g. the training demo's export).
     c.model.remat_policy = "none"
-    if not preset.demo:
-        c.model.param_dtype = "bfloat16"
+    c.model.dtype = c.model.param_dtype = "float32" if preset.demo else "bfloat16"
     # Greedy; the demo samples (temperature 1, seeded): its random model's format prior is a
     # bigram walk, which loops when greedy and never reaches a query or an answer.
     c.rollout.temperature = 1.0 if preset.demo else 0.0

@@ -42,6 +42,16 @@ DEFAULT_RULES: Rules = (
 )
 
 
+def first_devices(num_devices: int) -> list[jax.Device]:
+    """The first `num_devices` of `jax.devices()` (0: all): a run smaller than its host (config
+    `mesh_devices`; the demos' tiny models use one device whatever the host has)."""
+    devices = jax.devices()
+    if not 0 <= num_devices <= len(devices):
+        raise ValueError(f"mesh_devices must be in [0, {len(devices)}] (0: all {len(devices)} devices), "
+                         f"got {num_devices}")
+    return devices[:num_devices or None]
+
+
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
     """Builds a mesh over all devices.
 

@@ -43,6 +43,15 @@ def test_make_mesh_rejects(shape, message):
         sharding.make_mesh(shape)
 
 
+def test_first_devices():
+    assert sharding.first_devices(0) == jax.devices()
+    assert sharding.first_devices(1) == jax.devices()[:1]
+    assert tuple(sharding.make_mesh({"data": -1}, sharding.first_devices(2)).shape.values()) == (2, 1, 1)
+    for bad in (-1, 9):
+        with pytest.raises(ValueError, match=rf"mesh_devices must be in \[0, 8\] \(0: all 8 devices\), got {bad}"):
+            sharding.first_devices(bad)
+
+
 def test_rules_cover_every_logical_name():
     abstract = convert.abstract_params(CONFIG.replace(mrope_section=(2, 1, 1), tie_word_embeddings=True))
     sharding.check_rules_cover(abstract)

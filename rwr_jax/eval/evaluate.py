@@ -231,7 +231,8 @@ def evaluate(cfg, workdir: str, devices: Sequence[jax.Device] | None = None) -> 
     Args:
       cfg: the config (configs/eval.py).
       workdir: predictions.jsonl, metrics.json, the demo data, the indexes.
-      devices: the devices of the mesh `cfg.mesh` describes (default: all).
+      devices: the devices of the mesh `cfg.mesh` describes (default: the first
+        `cfg.mesh_devices`, 0 = all).
 
     Returns:
       `predictions.summarize` of every record's line.
@@ -255,6 +256,8 @@ def evaluate(cfg, workdir: str, devices: Sequence[jax.Device] | None = None) -> 
     metrics = predictions_lib.summarize([line for key, line in predictions_lib.read_predictions(
         predictions_path).items() if key in wanted], cdir=cfg.cdir.enabled)
     metrics["data"] = path
+    if settings is not None:
+        metrics["cdir_threshold"] = settings.threshold
     with open(os.path.join(workdir, METRICS_FILE), "w") as f:
         json.dump(metrics, f, indent=2)
     logging.info("Evaluation of %d records: %s", len(chosen), json.dumps(metrics))
@@ -266,6 +269,7 @@ def _run(cfg, workdir: str, settings: cdir_lib.CdirConfig | None, todo: list[rec
     """Evaluates the `todo` records batch by batch, appending their lines to predictions_path;
     `positions`: each evaluated record's index in the whole set."""
     tokenizer = tokenizer_lib.load_tokenizer(cfg.tokenizer_path or None)
+    devices = devices if devices is not None else sharding.first_devices(cfg.mesh_devices)
     mesh, rules = sharding.make_mesh(dict(cfg.mesh), devices), sharding.rules_from_config(cfg.sharding_rules)
     with jax.set_mesh(mesh), sharding.axis_rules(rules):
         model, model_config, params, _ = trainer.build_model(cfg, tokenizer, mesh, rules)

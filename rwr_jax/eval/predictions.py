@@ -93,3 +93,38 @@ def summarize(lines: list[dict[str, Any]], cdir: bool = False) -> dict[str, Any]
             cdir_fixed=sum(line["correct"] and not line["cdir"]["first_pass"]["correct"] for line in consulted),
             cdir_broken=sum(not line["correct"] and line["cdir"]["first_pass"]["correct"] for line in consulted))
     return metrics
+
+
+def cdir_threshold_curve(lines: list[dict[str, Any]], thresholds: Iterable[float],
+                         run_threshold: float) -> dict[float, dict[str, float | int | None]]:
+    """Accuracy and records consulted had CDIR used each threshold, from one run's lines.
+
+    A record is consulted at threshold t exactly when its first answer's confidence is
+    below t (or it gave none; t > 0), and its second answer does not depend on t; so a run at
+    `run_threshold` (1.0: every multimodal record) gives the result of every t <= it.
+    t = 0 is the first pass alone.
+
+    Args:
+      lines: the prediction lines of a CDIR run.
+      thresholds: the thresholds t, each in [0, run_threshold].
+      run_threshold: the run's `cdir.threshold` (metrics.json's `cdir_threshold`).
+
+    Returns:
+      {t: {"accuracy": ..., "consulted": records answered again at t}}.
+    """
+    curve = {}
+    for t in thresholds:
+        if not 0 <= t <= run_threshold:
+            raise ValueError(f"threshold {t} is outside [0, {run_threshold}]: a run at cdir.threshold="
+                             f"{run_threshold} did not consult the records a higher one would")
+        correct, consulted = [], 0
+        for line in lines:
+            first = line["cdir"]["first_pass"] if line.get("cdir") else None
+            if first is not None and t > 0 and (first["confidence"] is None or first["confidence"] < t):
+                consulted += 1
+                correct.append(float(line["correct"]))
+            else:
+                correct.append(float(first["correct"] if first is not None else line["correct"]))
+        curve[t] = {"accuracy": _mean(correct), "consulted": consulted}
+    return curve
+

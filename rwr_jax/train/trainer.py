@@ -180,7 +180,8 @@ def planned_steps(pipeline: PromptPipeline, num_epochs: int) -> int:
 
 
 def build(cfg, workdir: str, devices: Sequence[jax.Device] | None = None) -> Components:
-    """Everything the loop uses; the mesh (`cfg.mesh`) over `devices` (default: all)."""
+    """Everything the loop uses; the mesh (`cfg.mesh`) over `devices` (default: the first
+    `cfg.mesh_devices`, 0 = all)."""
     if jax.process_count() > 1:
         raise NotImplementedError(
             f"{jax.process_count()} processes: the trainer runs on the devices of one host (each process would "
@@ -188,6 +189,7 @@ def build(cfg, workdir: str, devices: Sequence[jax.Device] | None = None) -> Com
     _check_rewards(cfg)
     visual = build_visual(cfg, workdir)
     tokenizer = tokenizer_lib.load_tokenizer(cfg.tokenizer_path or None)
+    devices = devices if devices is not None else sharding.first_devices(cfg.mesh_devices)
     mesh, rules = sharding.make_mesh(dict(cfg.mesh), devices), sharding.rules_from_config(cfg.sharding_rules)
     model, model_config, params, hf_config = build_model(cfg, tokenizer, mesh, rules)
     text = model_config.text if isinstance(model_config, VLConfig) else model_config
@@ -276,7 +278,8 @@ def train(cfg, workdir: str, *, stop_after: int | None = None,
       cfg: the config (configs/stage1.py or stage2.py).
       workdir: checkpoints, TensorBoard events, the demo data, the index, the export.
       stop_after: stop after this many steps of this process (simulates preemption).
-      devices: the devices of the mesh `cfg.mesh` describes (default: all).
+      devices: the devices of the mesh `cfg.mesh` describes (default: the first
+        `cfg.mesh_devices`, 0 = all).
 
     Returns:
       The final train state.

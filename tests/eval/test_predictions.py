@@ -69,3 +69,20 @@ def test_summary_with_cdir_counts_fixed_and_broken_answers():
     assert json.loads(json.dumps(summary)) == summary
     assert "cdir_consulted" not in predictions.summarize(lines[3:])
     assert predictions.summarize(lines[3:], cdir=True)["cdir_consulted"] == 0
+
+
+def test_cdir_threshold_curve_by_hand():
+    def consulted(correct, first_correct, confidence):
+        return line(0, correct, cdir={"first_pass": {"correct": first_correct, "confidence": confidence}})
+    lines = [consulted(True, False, 0.3),    # fixed when consulted (t > 0.3)
+             consulted(False, True, 0.8),    # broken when consulted (t > 0.8)
+             consulted(True, False, None),   # no first answer: consulted at every t > 0
+             line(3, False)]                 # never consulted (text-only, or confident at the run's 1.0)
+    curve = predictions.cdir_threshold_curve(lines, [0.0, 0.3, 0.5, 0.9, 1.0], run_threshold=1.0)
+    assert curve[0.0] == {"accuracy": 0.25, "consulted": 0}  # the first pass: line 2 right
+    assert curve[0.3] == {"accuracy": 0.5, "consulted": 1}  # 0.3 is not below 0.3: line 3 only
+    assert curve[0.5] == {"accuracy": 0.75, "consulted": 2}
+    assert curve[0.9] == curve[1.0] == {"accuracy": 0.5, "consulted": 3}
+    assert curve[1.0]["accuracy"] == predictions.summarize(lines)["accuracy"]  # t = the run's: its own result
+    with pytest.raises(ValueError, match=r"threshold 0.95 is outside \[0, 0.9\]"):
+        predictions.cdir_threshold_curve(lines, [0.95], run_threshold=0.9)

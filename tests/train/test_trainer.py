@@ -128,6 +128,7 @@ def test_total_steps_0_means_num_epochs_passes_and_running_out_of_data_ends_the_
     cfg = _config(1, data__demo_size=3)
     cfg.total_steps, cfg.export_hf = 0, True
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
+    cfg.mesh_devices = 0  # all 8 (the demo's default is one)
     cfg.rollout.max_rounds = 1  # no retrieval (an index and its compiles): not what this test is about
     planned = trainer.planned_steps
     monkeypatch.setattr(trainer, "planned_steps", lambda pipeline, epochs: planned(pipeline, epochs) + 2)
