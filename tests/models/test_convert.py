@@ -102,7 +102,8 @@ def test_random_params_export_with_to_hf_config(name, tmp_path):
     assert from_hf_config(hf_config) == config
     model = DecoderLM(config)
     tokens, mask, positions = hf_models.left_padded_batch([7, 4], total=7)
-    params = jax.jit(model.init)(jax.random.key(0), jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask, bool))
+    params = jax.jit(model.init)(jax.random.key(0), jnp.asarray(tokens), jnp.asarray(positions),
+                                 jnp.asarray(mask, bool))
     params = jax.tree_util.tree_map(lambda p: p * 4.0, nn.unbox(params["params"]))
     convert.save_hf_checkpoint(params, config, hf_config, str(tmp_path))
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
@@ -135,7 +136,8 @@ def _rewrite(src, dst, edit):
 
 def test_shape_mismatch_names_tensor_and_shapes(qwen2_dir, tmp_path):
     config, _ = read_hf_config(qwen2_dir)
-    with pytest.raises(ValueError, match=r"tensor (lm_head|model\.embed_tokens)\.weight has shape \(160, 64\), expected \(160, 48\)"):
+    with pytest.raises(ValueError, match=r"tensor (lm_head|model\.embed_tokens)\.weight has shape \(160, 64\), "
+                                         r"expected \(160, 48\)"):
         convert.load_hf_params(qwen2_dir, config.replace(hidden_size=48, head_dim=16), progress=False)
 
 

@@ -205,8 +205,8 @@ def test_query_ids_and_content_masks():
         "Ġbacterial", "Ġpneumonia"]
     # Passages: distinct canonical ids of both blocks, their <retrieve> tags removed.
     passage = set(tokenizer.convert_ids_to_tokens(parsed.passage_ids[0][parsed.passage_mask[0]].tolist()))
-    assert passage == {"Ġnone", "Ġ(", "Ġ", "1", "Ġ)", "Ġviral", "Ġpneumonia", "Ġis", "Ġrare", "Ġin", "Ġadults",
-                       "Ġ."}
+    assert passage == {"Ġnone", "Ġ(", "Ġ", "1", "Ġ)", "Ġviral", "Ġpneumonia", "Ġis", "Ġrare", "Ġin",
+                       "Ġadults", "Ġ."}
     assert not parsed.passage_mask[1].any() and not parsed.query_mask[1].any()
 
 

@@ -172,7 +172,8 @@ def save_hf_checkpoint(params: Any, config: ClipConfig, out_dir: str,
                         resample=3, do_center_crop=True, crop_size={"height": size, "width": size}, do_rescale=True,
                         rescale_factor=1 / 255, do_normalize=True, image_mean=list(config.image_mean),
                         image_std=list(config.image_std), do_convert_rgb=True)
-    for name, content in (("config.json", hf_config or to_hf_config(config)), ("preprocessor_config.json", preprocessor)):
+    files = (("config.json", hf_config or to_hf_config(config)), ("preprocessor_config.json", preprocessor))
+    for name, content in files:
         with open(os.path.join(out_dir, name), "w") as f:
             json.dump(content, f, indent=2, sort_keys=True)
 

@@ -32,7 +32,8 @@ def _layer_norm(c: EncoderConfig, name: str) -> nn.LayerNorm:
 
 def _dense(c: EncoderConfig, features: int, axes: tuple[str, str], name: str) -> nn.Dense:
     return nn.Dense(features, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype,
-                    kernel_init=logical_init(DEFAULT_INIT, axes), bias_init=logical_init(nn.initializers.zeros_init(), axes[1:]),
+                    kernel_init=logical_init(DEFAULT_INIT, axes),
+                    bias_init=logical_init(nn.initializers.zeros_init(), axes[1:]),
                     name=name)
 
 
@@ -65,7 +66,8 @@ class Embeddings(nn.Module):
         c = self.config
         embed = functools.partial(nn.Embed, features=c.hidden_size, dtype=c.jnp_dtype,
                                   param_dtype=c.jnp_param_dtype)
-        x = embed(c.vocab_size, embedding_init=logical_init(DEFAULT_INIT, ("vocab", "embed")), name="word_embeddings")(tokens)
+        x = embed(c.vocab_size, embedding_init=logical_init(DEFAULT_INIT, ("vocab", "embed")),
+                  name="word_embeddings")(tokens)
         x = x + embed(c.max_position_embeddings, embedding_init=logical_init(DEFAULT_INIT, (None, "embed")),
                       name="position_embeddings")(positions)
         x = x + embed(c.type_vocab_size, embedding_init=logical_init(DEFAULT_INIT, (None, "embed")),
