@@ -4,6 +4,16 @@
     append_predictions(path, lines)                               # flushed and fsynced
     metrics = summarize(list(done.values()))                      # {"accuracy": ..., ...}
 
+A line (`evaluate.prediction_line`): `id`, `answer` (the record's), `prediction` (the text
+of the model's first answer block, None without one), `letter` (its option letter, ""
+if none), `correct`, `confidence` (the probability of the answer's first token, None
+without an answer), `rounds`, `queries`, `finish_reason` and `completion` (the text,
+retrieved blocks included). A record CDIR consulted also has `cdir`: `case_id`,
+`case_score`, `case_image`, `answered` (the second pass gave an answer; the top-level
+answer fields and `completion` are then the second pass's), `finish_reason`,
+`completion` (the kept text, the consultation and the new text) and `first_pass`
+(prediction, letter, correct, confidence and completion of the first answer).
+
 A line is written only when its record is finished, and every batch's lines are
 flushed to disk before the next batch starts, so after a crash or preemption the file
 holds whole records; a rerun skips their ids. A last line torn by a crash in the
