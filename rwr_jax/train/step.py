@@ -140,8 +140,10 @@ def _completion_logprobs(model, params, micro, features, prompt_length, chunk_si
                                         chunk_size=chunk_size, return_entropy=entropy)
 
 
+@functools.partial(jax.jit, static_argnames=("model",))
 def _image_features(model, params, images):
-    """[K, D] real image tokens of the batch in order (frozen tower: no gradient)."""
+    """[K, D] real image tokens of the batch in order (frozen tower: no gradient); jitted, as the
+    trainer also calls it outside the update (confidence gain)."""
     if images is None:
         return None
     features = model.apply({"params": params}, images, method=VisionLanguageLM.encode_images)

@@ -10,7 +10,9 @@ import pytest
 from rwr_jax import sharding
 from rwr_jax.models.qwen2_vl import convert
 from rwr_jax.models.qwen2_vl.config import DecoderConfig
+from rwr_jax.models.qwen2_vl import vision
 from rwr_jax.models.qwen2_vl.decoder import DecoderLM
+from rwr_jax.models.qwen2_vl.model import VisionLanguageLM, VLConfig
 from rwr_jax.rl import losses
 from rwr_jax.train import optimizer as optimizer_lib
 from rwr_jax.train import step as step_lib
@@ -217,3 +219,29 @@ def test_sharded_step_equals_one_device():
     assert sharded.params["model"]["layers_0"]["input_layernorm"]["scale"].sharding.is_fully_replicated
     moved = np.asarray(one.params["lm_head"]["kernel"]) - np.asarray(params["lm_head"]["kernel"])
     assert float(np.abs(moved).max()) > 1e-3  # the update is not a no-op
+
+
+def test_image_features_on_a_mesh_wider_than_the_image_batch():
+    """The trainer also calls `_image_features` outside the update (confidence gain): 2 images on a
+    data = 8 mesh (the stage-2 demo's batch on an 8-device host) give the one-device features. Run op
+    by op instead of jitted, the vision tower's sharding constraint raised an IndivisibleError."""
+    text = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                         num_kv_heads=2, mrope_section=(2, 1, 1))
+    vis = vision.VisionConfig(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                              fullatt_block_indexes=(0,))
+    config = VLConfig(text=text, vision=vis, image_token_id=5)
+    model = VisionLanguageLM.from_config(config)
+    grid = np.asarray([[1, 4, 4], [1, 4, 4]])  # 2 images of 16 patches -> 4 merged tokens each
+    pixels = np.random.default_rng(0).normal(size=(32, vis.patch_dim)).astype(np.float32)
+    images = jax.tree_util.tree_map(jnp.asarray, vision.pack_images(pixels, grid, vis, num_images=2,
+                                                                    num_patches=16))
+    params = convert.init_params(config, 0)
+    one = step_lib._image_features(model, params, images)
+    mesh = sharding.make_mesh({"data": -1})
+    assert mesh.shape["data"] == 8
+    with jax.set_mesh(mesh), sharding.axis_rules():
+        placed = jax.device_put(params, sharding.logical_shardings(convert.abstract_params(config), mesh))
+        on_mesh = step_lib._image_features(model, placed, images)
+    assert on_mesh.shape == (8, 32)
+    np.testing.assert_allclose(on_mesh, one, atol=1e-5, rtol=0)
+
