@@ -30,6 +30,7 @@ setup(
         "scann==1.4.2",
         "clu==0.0.12",
         "tensorflow-datasets==4.9.10",
+        "importlib-resources>=6,<7",  # tfds builds a dataset from a package module only with it
         "transformers==5.23.0",
         "tokenizers==0.23.3",
         "safetensors==0.8.0",

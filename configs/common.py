@@ -88,13 +88,14 @@ def checkpoint_model(path: str) -> ml_collections.ConfigDict:
 
 
 def data(*, demo: bool, path: str = "", max_prompt_length: int, images: int) -> ml_collections.ConfigDict:
-    """The prompt pipeline: the synthetic demo set (batch 2) or a local jsonl (batch 8).
+    """The prompt pipeline: the synthetic demo set (batch 2) or a local jsonl, or the `split` of a
+    dataset directory that launch/build_dataset.py wrote (batch 8).
 
     Records over max_prompt_length or max_images_per_prompt are left out, each logged with
     its file:line (skip_oversized, ms-swift's default "delete"); malformed rows raise.
     """
     return ml_collections.ConfigDict(dict(
-        demo=demo, demo_size=64 if demo else 0, train_path=path, batch_size=2 if demo else 8,
+        demo=demo, demo_size=64 if demo else 0, train_path=path, split="train", batch_size=2 if demo else 8,
         max_prompt_length=max_prompt_length, length_bucket=0 if demo else 512, max_images_per_prompt=images,
         skip_oversized=True, skip_malformed=False, curriculum=False))
 

@@ -76,5 +76,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.skip_oversized = False
     c.data.limit = preset.limit
     c.data.path = "" if preset.demo else preset.data
+    c.data.split = "test"  # when data.path is a dataset directory (launch/build_dataset.py)
     c.cdir = cdir(enabled=preset.cdir, demo=preset.demo, corpus_path=preset.cases, clip_checkpoint=preset.clip)
     return c

@@ -174,7 +174,7 @@ class EncodePrompt:
         config = self.config
         grid = np.zeros((0, 3), np.int32)
         pixels = np.zeros((0, config.image.patch_dim), np.float32)
-        loaded = [image_processing.load_image(path) for path in record.images]
+        loaded = load_record_images(record)
         clip_pixels = None if config.clip_image is None else image_processing.clip_pixel_values(
             loaded, config.clip_image)
         if record.images:
@@ -185,6 +185,14 @@ class EncodePrompt:
             tokens = chat_template.encode_prompt(self.tokenizer, record.question, counts, config.system_prompt)
         return EncodedPrompt(record=record, tokens=tokens, grid_thw=grid, pixel_values=pixels,
                              clip_pixels=clip_pixels)
+
+
+def load_record_images(record: records.Record) -> list:
+    """A record's images as RGB PIL images: decoded from `image_bytes` when it carries them (a
+    `tfds_records` dataset), else read from its files."""
+    if record.image_bytes is not None:
+        return [image_processing.decode_image(data, name) for data, name in zip(record.image_bytes, record.images)]
+    return [image_processing.load_image(path) for path in record.images]
 
 
 class FitsLimits:

@@ -65,13 +65,16 @@ class Record:
     Attributes:
         id: the row id (CDIR and logs refer to it), as a string.
         question: the user text: stem and options, without image placeholders.
-        images: absolute image paths, in prompt order (empty for text-only rows).
+        images: absolute image paths, in prompt order (empty for text-only rows); with
+            `image_bytes`, the names the images had when the dataset was built.
         answer: the ground-truth answer as written, e.g. "B. Pneumonia".
         options: letter -> option text, or None for open questions.
         difficulty: optional difficulty score (higher is harder).
         answer_letter: the correct option letter, or None for a free-text answer.
         answer_text: the correct option's text, or the free-text answer.
         location: "file:line" of the row.
+        image_bytes: the encoded images, when the record carries them (`tfds_records`);
+            None: read them from `images`.
     """
 
     id: str
@@ -83,6 +86,7 @@ class Record:
     answer_letter: str | None = None
     answer_text: str = ""
     location: str = ""
+    image_bytes: tuple[bytes, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -1,7 +1,7 @@
 """CDIR (METHOD.md): answer again, with a similar case, when the first answer is unsure.
 
     prompts = SecondPassPrompts(tokenizer, pipeline_config, vision_config, CdirConfig())
-    cases = nearest_cases(image_retriever, [record.images[0] for record in unsure])
+    cases = nearest_cases(image_retriever, unsure)
     batch = prompts([(record, kept_completion(...), case) for ...])     # a HostPromptBatch
 
 After the normal retrieval loop, a multimodal record whose answer's first token has
@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from rwr_jax.data import records
-from rwr_jax.data.pipeline import CollatePrompts, EncodePrompt, HostPromptBatch, PipelineConfig
+from rwr_jax.data.pipeline import CollatePrompts, EncodePrompt, HostPromptBatch, PipelineConfig, load_record_images
 from rwr_jax.models.qwen2_vl import vision
 from rwr_jax.retrieval.image_index import ImageHit, ImageRetriever
 from rwr_jax.rollout import engine, sampler
@@ -77,11 +77,13 @@ def kept_completion(tokens: np.ndarray, source: np.ndarray, length: int) -> np.n
     return np.asarray(tokens[:retrieved[-1] + 1 if retrieved.size else 0], np.int32)
 
 
-def nearest_cases(retriever: ImageRetriever, image_paths: Sequence[str]) -> list[ImageHit | None]:
-    """For each image file, the corpus case with the most similar image other than that file (None if none)."""
-    found = retriever.search_images(list(image_paths), k=2)
-    return [next((hit for hit in hits if os.path.realpath(hit.image_path) != os.path.realpath(path)), None)
-            for path, hits in zip(image_paths, found)]
+def nearest_cases(retriever: ImageRetriever, records_: Sequence[records.Record]) -> list[ImageHit | None]:
+    """For each record, the corpus case whose image is most similar to the record's first one, other
+    than that image's own file (None if there is none)."""
+    found = retriever.search_images([load_record_images(record)[0] for record in records_], k=2)
+    own = [os.path.realpath(r.images[0]) if r.image_bytes is None else None for r in records_]
+    return [next((hit for hit in hits if os.path.realpath(hit.image_path) != path), None)
+            for path, hits in zip(own, found)]
 
 
 def consultation_ids(tokenizer, case: ImageHit, config: CdirConfig, continues: bool) -> list[int]:
@@ -94,6 +96,16 @@ def consultation_ids(tokenizer, case: ImageHit, config: CdirConfig, continues: b
     blocks, _ = engine.retrieved_block_ids(tokenizer, [[Passage(case.case_id, case.text, case.score)]],
                                            config.max_case_tokens)
     return tokenizer.encode(lead, add_special_tokens=False) + blocks[0]
+
+
+def with_case_image(record: records.Record, case: ImageHit) -> records.Record:
+    """The record with the case's image added after its own."""
+    if record.image_bytes is None:
+        return dataclasses.replace(record, images=(*record.images, case.image_path))
+    with open(case.image_path, "rb") as f:
+        data = f.read()
+    return dataclasses.replace(record, images=(*record.images, case.image_path),
+                               image_bytes=(*record.image_bytes, data))
 
 
 class SecondPassPrompts:
@@ -130,7 +142,7 @@ class SecondPassPrompts:
             raise ValueError(f"a second-pass batch holds 1 to {self.config.batch_size} items, got {len(items)}")
         encoded = []
         for record, kept, case in items:
-            prompt = self._encode(dataclasses.replace(record, images=(*record.images, case.image_path)))
+            prompt = self._encode(with_case_image(record, case))
             ids = consultation_ids(self.tokenizer, case, self.cdir, continues=len(kept) > 0)
             tokens = np.concatenate([prompt.tokens, kept, np.asarray(ids, np.int32)]).astype(np.int32)
             if len(tokens) > self.config.max_prompt_length:

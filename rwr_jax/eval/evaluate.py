@@ -3,7 +3,8 @@
     python launch/eval.py --config=configs/eval.py:demo --workdir=/tmp/rwr_eval
     metrics = evaluate(config, workdir)          # also written to workdir/metrics.json
 
-Every record of `data.path` (file order; the first `data.limit` when > 0) gets one
+Every record of `data.path` (a jsonl file, or the `data.split` of a dataset directory,
+`data.tfds_records`; file order; the first `data.limit` when > 0) gets one
 completion from `rollout.engine.rollout` with real retrieval rounds (greedy by
 default). Its answer is the text of the first `<answer>` block the model wrote
 (`rl.parser`; a tag inside a retrieved passage is not the model's), correct when its
@@ -30,7 +31,7 @@ import jax
 import numpy as np
 
 from rwr_jax import sharding
-from rwr_jax.data import demo as demo_data, records, tokenizer as tokenizer_lib
+from rwr_jax.data import demo as demo_data, records, tfds_records, tokenizer as tokenizer_lib
 from rwr_jax.data.pipeline import HostPromptBatch, PipelineConfig, PromptPipeline
 from rwr_jax.eval import cdir as cdir_lib, predictions as predictions_lib
 from rwr_jax.models.qwen2_vl.model import VLConfig
@@ -81,7 +82,7 @@ def eval_data_path(cfg, workdir: str) -> str:
     return demo_paths(cfg, workdir).eval if cfg.data.get("demo") else cfg.data.path
 
 
-def _records(source: records.JsonlSource, limit: int) -> list[records.Record]:
+def _records(source, limit: int) -> list[records.Record]:
     """The records to evaluate, in file order; ids must be unique (predictions are keyed by id)."""
     count = min(limit, len(source)) if limit > 0 else len(source)
     chosen, seen = [], {}
@@ -195,7 +196,7 @@ class _Evaluator:
                   if cdir_lib.wants_consultation(record, line["confidence"], self.cdir.config.threshold)]
         if not unsure:
             return
-        cases = cdir_lib.nearest_cases(self.cdir.retriever, [records_[i].images[0] for i in unsure])
+        cases = cdir_lib.nearest_cases(self.cdir.retriever, [records_[i] for i in unsure])
         items = [(i, case) for i, case in zip(unsure, cases) if case is not None]
         if not items:
             return
@@ -242,8 +243,9 @@ def evaluate(cfg, workdir: str, devices: Sequence[jax.Device] | None = None) -> 
     settings = check_config(cfg)
     os.makedirs(workdir, exist_ok=True)
     path = eval_data_path(cfg, workdir)
-    chosen = _records(records.JsonlSource(path, records.RecordsConfig(skip_malformed=cfg.data.skip_malformed)),
-                      cfg.data.limit)
+    source = tfds_records.records_source(path, cfg.data.split,
+                                         records.RecordsConfig(skip_malformed=cfg.data.skip_malformed))
+    chosen = _records(source, cfg.data.limit)
     predictions_path = os.path.join(workdir, PREDICTIONS_FILE)
     done = predictions_lib.read_predictions(predictions_path)
     todo = [record for record in chosen if record.id not in done]

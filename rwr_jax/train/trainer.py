@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rwr_jax import config_lib, registry, sharding
-from rwr_jax.data import demo as demo_data, records, tokenizer as tokenizer_lib
+from rwr_jax.data import demo as demo_data, records, tfds_records, tokenizer as tokenizer_lib
 from rwr_jax.data.pipeline import PipelineConfig, PromptPipeline
 from rwr_jax.models.clip import demo as clip_demo
 from rwr_jax.models.qwen2_vl import convert
@@ -97,7 +97,8 @@ def build_pipeline(cfg, workdir, tokenizer, model_config, clip_image=None) -> Pr
         paths = demo_data.generate_demo_data(os.path.join(workdir, "demo_data"), num_train=cfg.data.demo_size,
                                              seed=cfg.seed, multimodal=cfg.data.max_images_per_prompt > 0)
         train_path = str(paths.train)
-    source = records.JsonlSource(train_path, records.RecordsConfig(skip_malformed=cfg.data.skip_malformed))
+    source = tfds_records.records_source(train_path, cfg.data.split,
+                                         records.RecordsConfig(skip_malformed=cfg.data.skip_malformed))
     text = model_config.text if isinstance(model_config, VLConfig) else model_config
     config = PipelineConfig(batch_size=cfg.data.batch_size, max_prompt_length=cfg.data.max_prompt_length,
                             length_bucket=cfg.data.length_bucket or None, system_prompt=cfg.system_prompt,

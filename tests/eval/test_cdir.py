@@ -71,7 +71,8 @@ def test_nearest_case_is_never_the_query_image_itself(tmp_path):
         g.write(f.read())
     hits = retriever.search_images([inside], k=2)[0]
     assert hits[0].image_path == inside  # the search itself finds the image first
-    found = cdir.nearest_cases(retriever, [inside, outside])
+    found = cdir.nearest_cases(retriever, [records.Record(id=str(i), question="q", images=(path,), answer="A")
+                                           for i, path in enumerate((inside, outside))])
     assert (found[0].case_id, found[0].image_path) == (hits[1].case_id, hits[1].image_path)
     assert found[0].score == pytest.approx(hits[1].score, abs=1e-5)  # (batched: fp32 rounding)
     assert found[1].image_path == inside  # another file with the same pixels is a fair case
