@@ -75,7 +75,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Every record is evaluated: one over the limits stops the run, naming it.
     c.data.skip_oversized = False
     c.data.limit = preset.limit
-    c.data.path = "" if preset.demo else preset.data
+    c.data.path = "" if preset.demo else preset.data  # (training's train_path and curriculum do not apply)
+    del c.data["train_path"], c.data["curriculum"]
     c.data.split = "test"  # when data.path is a dataset directory (launch/build_dataset.py)
     c.cdir = cdir(enabled=preset.cdir, demo=preset.demo, corpus_path=preset.cases, clip_checkpoint=preset.clip)
     return c
