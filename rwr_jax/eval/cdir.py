@@ -108,11 +108,18 @@ def with_case_image(record: records.Record, case: ImageHit) -> records.Record:
                                image_bytes=(*record.image_bytes, data))
 
 
+def continuation(tokenizer, kept: np.ndarray, case: ImageHit, config: CdirConfig) -> np.ndarray:
+    """[K + n] int32: the kept completion (`kept_completion`), then `consultation_ids`: the
+    assistant text the second pass starts from."""
+    ids = consultation_ids(tokenizer, case, config, continues=len(kept) > 0)
+    return np.concatenate([kept, np.asarray(ids, np.int32)]).astype(np.int32)
+
+
 class SecondPassPrompts:
     """(record, kept completion, case) items -> one HostPromptBatch of second-pass prompts.
 
     A prompt is the record's chat prompt with the case's image added, then the kept
-    completion and `consultation_ids`: the model continues from there.
+    completion and `consultation_ids` (`continuation`): the model continues from there.
 
     Args:
       tokenizer: the Qwen2.5-VL tokenizer.
@@ -143,8 +150,7 @@ class SecondPassPrompts:
         encoded = []
         for record, kept, case in items:
             prompt = self._encode(with_case_image(record, case))
-            ids = consultation_ids(self.tokenizer, case, self.cdir, continues=len(kept) > 0)
-            tokens = np.concatenate([prompt.tokens, kept, np.asarray(ids, np.int32)]).astype(np.int32)
+            tokens = np.concatenate([prompt.tokens, continuation(self.tokenizer, kept, case, self.cdir)])
             if len(tokens) > self.config.max_prompt_length:
                 raise ValueError(f"record {record.id!r} ({record.location}): its second-pass prompt has {len(tokens)} "
                                  f"tokens, more than the {self.config.max_prompt_length} planned; lower "

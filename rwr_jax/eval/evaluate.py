@@ -209,10 +209,9 @@ class _Evaluator:
             truth = parser.record_ground_truth(record.answer_letter, record.answer_text, record.answer)
             second = answer_fields(rows[b], traj.logprobs[b], truth)
             first = {k: line[k] for k in ("prediction", "letter", "correct", "confidence", "completion")}
-            second_text = self.tokenizer.decode(
-                np.concatenate([kept[i], cdir_lib.consultation_ids(self.tokenizer, case, self.cdir.config,
-                                                                   len(kept[i]) > 0),
-                                traj.tokens[b, :traj.length[b]]]).tolist(), skip_special_tokens=False)
+            start = cdir_lib.continuation(self.tokenizer, kept[i], case, self.cdir.config)
+            second_text = self.tokenizer.decode(np.concatenate([start, traj.tokens[b, :traj.length[b]]]).tolist(),
+                                                skip_special_tokens=False)
             line["cdir"] = {"case_id": case.case_id, "case_score": case.score, "case_image": case.image_path,
                             "answered": second["prediction"] is not None,
                             "finish_reason": traj.finish_reason_names()[b], "completion": second_text,
