@@ -89,7 +89,8 @@ def checkpoint_model(path: str) -> ml_collections.ConfigDict:
 
 def data(*, demo: bool, path: str = "", max_prompt_length: int, images: int) -> ml_collections.ConfigDict:
     """The prompt pipeline: the synthetic demo set (batch 2) or a local jsonl, or the `split` of a
-    dataset directory that launch/build_dataset.py wrote (batch 8).
+    dataset directory that launch/build_dataset.py wrote (batch 8). batch_size counts the prompts
+    of one process (each reads its own shard of the records; the update sees all processes').
 
     Records over max_prompt_length or max_images_per_prompt are left out, each logged with
     its file:line (skip_oversized, ms-swift's default "delete"); malformed rows raise.

@@ -7,6 +7,13 @@ data=/data/medqa.jsonl,corpus=/data/textbooks.jsonl,encoder=/models/bge-m3 --wor
 Resumes from the latest checkpoint in --workdir; writes TensorBoard events under
 <workdir>/tensorboard, compiled programs under <workdir>/compilation_cache (config
 `compilation_cache_dir`) and exports the trained policy to <workdir>/hf_export.
+
+Several hosts (one process each, the same command on every host, a shared --workdir):
+--distributed on TPU VM pods and SLURM clusters (JAX finds its peers), or name them, as on
+one machine with several CPU processes (JAX's gloo collectives):
+
+    python launch/train.py --config=configs/stage1.py:demo --config.mesh_devices=0 --workdir=/tmp/rwr_2p \
+        --coordinator_address=localhost:1234 --num_processes=2 --process_id=0   # and =1
 """
 
 import os
@@ -18,11 +25,17 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from rwr_jax import config_lib, host_memory  # noqa: E402
-from rwr_jax.train import trainer  # noqa: E402
+from rwr_jax.train import multihost, trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/stage2.py:demo.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs, exports (resumed if it holds a checkpoint).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Join the other processes of a multi-host run "
+                                 "(jax.distributed.initialize(), auto-detected on TPU pods and SLURM).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a multi-process run "
+                                   "JAX cannot detect (with --num_processes and --process_id).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of the run (with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 _STOP_AFTER = flags.DEFINE_integer("stop_after", None, "Stop after this many steps of this run (for testing "
                                    "preemption and resume).")
 
@@ -31,6 +44,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     host_memory.keep_freed_memory()  # before JAX starts its CPU backend (see rwr_jax/host_memory.py)
+    if _DISTRIBUTED.value or _COORDINATOR.value:
+        multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     config_lib.enable_compilation_cache(_CONFIG.value.compilation_cache_dir, _WORKDIR.value)
     trainer.train(_CONFIG.value, _WORKDIR.value, stop_after=_STOP_AFTER.value)
 

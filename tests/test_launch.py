@@ -55,3 +55,36 @@ def test_convert_checkpoint_both_directions(tmp_path):
     assert sorted(before) == sorted(after)
     for name in before:
         np.testing.assert_array_equal(before[name], after[name], err_msg=name)
+
+
+def _fake_tool(directory, name):
+    """An executable `name` on PATH that writes its arguments, one per line, to <name>.args."""
+    path = directory / name
+    path.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{directory}/{name}.args"\n')
+    path.chmod(0o755)
+
+
+@pytest.mark.parametrize("script,tool,args", [
+    ("launch/tpu/train.sh", "gcloud", ["pod", "zone-a", "configs/stage2.py:data=/d/a b.jsonl", "/runs/s2",
+                                       "--config.seed=3"]),
+    ("launch/gpu/train.sbatch", "srun", ["configs/stage2.py:data=/d/a b.jsonl", "/runs/s2", "--config.seed=3"]),
+])
+def test_multihost_launch_scripts_start_every_process_with_distributed(tmp_path, script, tool, args):
+    """The pod / cluster scripts hand launch/train.py the config (spaces kept), the workdir,
+    --distributed (a flag train.py defines) and the extra flags; too few arguments print the usage."""
+    _fake_tool(tmp_path, tool)
+    env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}")
+    subprocess.run(["bash", script, *args], cwd=ROOT, env=env, check=True, timeout=60)
+    called = (tmp_path / f"{tool}.args").read_text().splitlines()
+    if tool == "gcloud":  # one shell command for every worker
+        assert called[:5] == ["compute", "tpus", "tpu-vm", "ssh", "pod"] and "--worker=all" in called
+        command = called[-1].removeprefix("--command=")
+        called = subprocess.run(["bash", "-c", f"printf '%s\\n' {command.split('&& ', 1)[1]}"], check=True,
+                                capture_output=True, text=True).stdout.splitlines()
+    start = called.index("launch/train.py")
+    assert called[start:] == ["launch/train.py", "--config=configs/stage2.py:data=/d/a b.jsonl",
+                              "--workdir=/runs/s2", "--distributed", "--config.seed=3"]
+    with open(os.path.join(ROOT, "launch", "train.py")) as f:
+        assert 'DEFINE_bool("distributed"' in f.read()
+    usage = subprocess.run(["bash", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and "launch/train.py" in usage.stderr

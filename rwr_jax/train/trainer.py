@@ -33,7 +33,7 @@ from rwr_jax.models.qwen2_vl.vision import VisionConfig
 from rwr_jax.rl import advantages as advantages_lib, losses, parser, rewards
 from rwr_jax.rollout import engine, sampler, stop_strings
 from rwr_jax.rollout.trajectory import FINISH_REASONS, Passage
-from rwr_jax.train import checkpoint, format_prior, optimizer as optimizer_lib, scoring, visual_scoring
+from rwr_jax.train import checkpoint, format_prior, multihost, optimizer as optimizer_lib, scoring, visual_scoring
 from rwr_jax.train.metrics import MetricWriter
 from rwr_jax.train.step import (TrainState, _embeds, _image_features, packed_sizes, shared_prompt_group,
                                 train_step)
@@ -43,7 +43,7 @@ from rwr_jax.train.step import (TrainState, _embeds, _image_features, packed_siz
 class Components:
     """Everything the loop uses, built once."""
 
-    mesh: jax.sharding.Mesh
+    hosts: multihost.Hosts  # the training mesh (hosts.mesh) and this process's rollout mesh
     rules: sharding.Rules
     model: Any
     model_config: Any
@@ -84,19 +84,23 @@ def build_model(cfg, tokenizer, mesh: jax.sharding.Mesh, rules: sharding.Rules):
     if checkpoint:
         params = convert.load_hf_params(checkpoint, config, shardings=shardings)
     else:
-        params = convert.init_params(config, cfg.seed, shardings)
-        if cfg.model.get("format_prior"):
-            params = jax.device_put(format_prior.apply_format_prior(params, tokenizer), shardings)
+        if cfg.model.get("format_prior"):  # on the host, then placed (every process computes the same)
+            params = format_prior.apply_format_prior(convert.init_params(config, cfg.seed), tokenizer)
+            params = jax.device_put(jax.tree_util.tree_map(np.asarray, params), shardings)
+        else:
+            params = convert.init_params(config, cfg.seed, shardings)
     return convert.build_model(config), config, params, hf_config
 
 
 # ------------------------------------------------------------------------------ data
+def demo_paths(cfg, workdir) -> demo_data.DemoPaths:
+    """The demo presets' synthetic set, written into `workdir` (identical files are left alone)."""
+    return demo_data.generate_demo_data(os.path.join(workdir, "demo_data"), num_train=cfg.data.demo_size,
+                                        seed=cfg.seed, multimodal=cfg.data.max_images_per_prompt > 0)
+
+
 def build_pipeline(cfg, workdir, tokenizer, model_config, clip_image=None) -> PromptPipeline:
-    train_path = cfg.data.train_path
-    if cfg.data.get("demo"):
-        paths = demo_data.generate_demo_data(os.path.join(workdir, "demo_data"), num_train=cfg.data.demo_size,
-                                             seed=cfg.seed, multimodal=cfg.data.max_images_per_prompt > 0)
-        train_path = str(paths.train)
+    train_path = str(demo_paths(cfg, workdir).train) if cfg.data.get("demo") else cfg.data.train_path
     source = tfds_records.records_source(train_path, cfg.data.split,
                                          records.RecordsConfig(skip_malformed=cfg.data.skip_malformed))
     text = model_config.text if isinstance(model_config, VLConfig) else model_config
@@ -111,11 +115,7 @@ def build_pipeline(cfg, workdir, tokenizer, model_config, clip_image=None) -> Pr
 
 
 def corpus_path(cfg, workdir) -> str:
-    if cfg.data.get("demo"):
-        return str(demo_data.generate_demo_data(os.path.join(workdir, "demo_data"), num_train=cfg.data.demo_size,
-                                                seed=cfg.seed,
-                                                multimodal=cfg.data.max_images_per_prompt > 0).corpus)
-    return cfg.retrieval.corpus_path
+    return str(demo_paths(cfg, workdir).corpus) if cfg.data.get("demo") else cfg.retrieval.corpus_path
 
 
 # ------------------------------------------------------------------------- retrieval
@@ -125,7 +125,7 @@ def encoder_overrides(retrieval_cfg) -> dict:
 
 
 def build_retrieve(cfg, workdir):
-    """queries -> top-k passages per query, over an index built on first use."""
+    """queries -> top-k passages per query, over an index built on first use (by process 0)."""
     from rwr_jax.models.text_encoder.encode import TextEncoder  # retrieval stack is optional for stage 1
     from rwr_jax.retrieval import document_store, index as index_lib, retriever as retriever_lib
 
@@ -140,9 +140,12 @@ def build_retrieve(cfg, workdir):
     encoder = TextEncoder.from_pretrained(encoder_path, **encoder_overrides(cfg.retrieval))
     index_dir = cfg.retrieval.index_dir or os.path.join(workdir, "index")
     corpus = corpus_path(cfg, workdir)
-    if not os.path.isfile(os.path.join(index_dir, index_lib.MANIFEST_FILE)):
-        store = document_store.DocumentStore(corpus, os.path.join(index_dir, index_lib.OFFSETS_FILE))
-        index_lib.build_index(index_dir, store, encoder, searcher=cfg.retrieval.searcher)
+
+    def build_index():
+        if not os.path.isfile(os.path.join(index_dir, index_lib.MANIFEST_FILE)):
+            store = document_store.DocumentStore(corpus, os.path.join(index_dir, index_lib.OFFSETS_FILE))
+            index_lib.build_index(index_dir, store, encoder, searcher=cfg.retrieval.searcher)
+    multihost.run_on_main(build_index)
     retriever = retriever_lib.open_retriever(index_dir, encoder, corpus)
 
     def retrieve(queries: list[str]) -> list[list[Passage]]:
@@ -166,7 +169,8 @@ def build_visual(cfg, workdir: str) -> visual_scoring.VisualScorer | None:
         return None
     path = cfg.rewards.clip_checkpoint
     if cfg.rewards.get("demo_clip"):
-        path = clip_demo.write_demo_clip(os.path.join(workdir, "demo_data", "clip"), cfg.seed)
+        path = os.path.join(workdir, "demo_data", "clip")
+        multihost.run_on_main(lambda: clip_demo.write_demo_clip(path, cfg.seed))
     return visual_scoring.load_scorer(path)
 
 
@@ -182,25 +186,23 @@ def planned_steps(pipeline: PromptPipeline, num_epochs: int) -> int:
 
 def build(cfg, workdir: str, devices: Sequence[jax.Device] | None = None) -> Components:
     """Everything the loop uses; the mesh (`cfg.mesh`) over `devices` (default: the first
-    `cfg.mesh_devices`, 0 = all)."""
-    if jax.process_count() > 1:
-        raise NotImplementedError(
-            f"{jax.process_count()} processes: the trainer runs on the devices of one host (each process would "
-            "pass its own prompts as if they were the global batch); multi-host rollouts are not built yet")
+    `cfg.mesh_devices`, 0 = all; several processes need all of theirs, `multihost`)."""
     _check_rewards(cfg)
+    devices = devices if devices is not None else sharding.first_devices(cfg.mesh_devices)
+    hosts, rules = multihost.Hosts.create(dict(cfg.mesh), devices), sharding.rules_from_config(cfg.sharding_rules)
     visual = build_visual(cfg, workdir)
     tokenizer = tokenizer_lib.load_tokenizer(cfg.tokenizer_path or None)
-    devices = devices if devices is not None else sharding.first_devices(cfg.mesh_devices)
-    mesh, rules = sharding.make_mesh(dict(cfg.mesh), devices), sharding.rules_from_config(cfg.sharding_rules)
-    model, model_config, params, hf_config = build_model(cfg, tokenizer, mesh, rules)
+    model, model_config, params, hf_config = build_model(cfg, tokenizer, hosts.mesh, rules)
     text = model_config.text if isinstance(model_config, VLConfig) else model_config
     frozen = ("visual",) if isinstance(model_config, VLConfig) and model_config.freeze_vision else ()
+    if cfg.data.get("demo"):
+        multihost.run_on_main(lambda: demo_paths(cfg, workdir))
     pipeline = build_pipeline(cfg, workdir, tokenizer, model_config, visual.image_config if visual else None)
     total_steps = cfg.total_steps or planned_steps(pipeline, cfg.num_epochs)
     opt_config = optimizer_lib.OptimizerConfig(total_steps=total_steps, frozen_prefixes=frozen, **dict(cfg.optimizer))
     uses_retrieval = cfg.rollout.max_rounds > 1
     return Components(
-        mesh=mesh, rules=rules, model=model, model_config=model_config, hf_config=hf_config, tokenizer=tokenizer,
+        hosts=hosts, rules=rules, model=model, model_config=model_config, hf_config=hf_config, tokenizer=tokenizer,
         initial_params=params, pipeline=pipeline, total_steps=total_steps,
         retrieve=build_retrieve(cfg, workdir) if uses_retrieval else (lambda queries: [[] for _ in queries]),
         text_tables=parser.build_text_tables(tokenizer, text.vocab_size),
@@ -255,9 +257,8 @@ def experience(cfg, c: Components, params, batch, key):
     metrics["rollout/response_length"] = float(traj.loss_mask.sum(axis=1).mean())
     metrics["rollout/rounds"] = float(traj.rounds.mean())
     metrics["rollout/queries"] = float(np.mean([len(q) for q in traj.queries]))
-    for i, name in enumerate(FINISH_REASONS):
-        if (traj.finish_reason == i).any():
-            metrics[f"rollout/finish_{name}"] = float((traj.finish_reason == i).mean())
+    for i, name in enumerate(FINISH_REASONS):  # every one, so that processes average the same names
+        metrics[f"rollout/finish_{name}"] = float((traj.finish_reason == i).mean())
     sample = c.tokenizer.decode(traj.tokens[0, :traj.length[0]].tolist())
     return train_batch, metrics, f"**answer:** {batch.answers[0]}\n\n**reward:** {float(total[0]):.3f}\n\n{sample}"
 
@@ -266,7 +267,7 @@ def _initial_state(c: Components) -> TrainState:
     """Step 0 on the mesh: optimiser moments sharded like their params, scalars replicated."""
     params = jax.tree_util.tree_map(jnp.copy, c.initial_params)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=c.optimizer.init(params))
-    replicated = jax.sharding.NamedSharding(c.mesh, jax.sharding.PartitionSpec())
+    replicated = jax.sharding.NamedSharding(c.hosts.mesh, jax.sharding.PartitionSpec())
     return jax.device_put(state, jax.tree_util.tree_map(
         lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding) else replicated, state))
 
@@ -286,7 +287,7 @@ def train(cfg, workdir: str, *, stop_after: int | None = None,
       The final train state.
     """
     c = build(cfg, workdir, devices)
-    with jax.set_mesh(c.mesh), sharding.axis_rules(c.rules):
+    with jax.set_mesh(c.hosts.mesh), sharding.axis_rules(c.rules):
         return _train(cfg, workdir, c, stop_after)
 
 
@@ -304,28 +305,33 @@ def _train(cfg, workdir: str, c: Components, stop_after: int | None) -> TrainSta
     loss_config = losses.LossConfig(loss_type=cfg.loss.loss_type, beta=cfg.loss.beta,
                                     epsilon_low=cfg.loss.epsilon_low, epsilon_high=cfg.loss.epsilon_high,
                                     max_completion_length=cfg.rollout.max_completion_length)
-    base_key = jax.random.key(cfg.seed)
     start, ran, clock, exhausted = int(state.step), 0, time.perf_counter(), False
     position = iterator.get_state()  # the data `state` has been trained on
+    hosts = c.hosts
     try:
         for step in range(start, c.total_steps):
             if stop_after is not None and ran == stop_after:
                 break
-            try:
-                batch = next(iterator)
-            except StopIteration:
+            batch = next(iterator, None)
+            if hosts.maximum({"exhausted": batch is None})["exhausted"]:  # every process stops together
                 exhausted = True
                 logging.warning("the data ran out after step %d of %d (records skipped as oversized?)", step,
                                 c.total_steps)
                 break
-            train_batch, metrics, sample = experience(cfg, c, state.params, batch, jax.random.fold_in(base_key, step))
+            policy = hosts.replicate(state.params)
+            with jax.set_mesh(hosts.local_mesh):  # this process's prompts on its devices
+                key = jax.random.fold_in(jax.random.key(cfg.seed), step)
+                train_batch, metrics, sample = experience(
+                    cfg, c, policy, batch, jax.random.fold_in(key, jax.process_index()) if hosts.multi else key)
+            metrics = hosts.mean(metrics)
+            train_batch, prompt_length, (loss_mask, token_mask) = hosts.global_batch(train_batch,
+                                                                                     batch.tokens.shape[1])
             state, step_metrics = train_step(
                 c.model, c.optimizer, state, train_batch, c.initial_params, loss_config=loss_config,
                 num_micro_batches=cfg.train.num_micro_batches, chunk_size=cfg.train.logprob_chunk,
-                prompt_length=batch.tokens.shape[1], prompt_group=shared_prompt_group(
-                    cfg.rollout.group_size, train_batch.tokens.shape[0], cfg.train.num_micro_batches),
-                **packed_sizes(train_batch.loss_mask, train_batch.token_mask, cfg.train.num_micro_batches,
-                               cfg.train.logprob_chunk))
+                prompt_length=prompt_length, prompt_group=shared_prompt_group(
+                    cfg.rollout.group_size, loss_mask.shape[0], cfg.train.num_micro_batches),
+                **packed_sizes(loss_mask, token_mask, cfg.train.num_micro_batches, cfg.train.logprob_chunk))
             state = jax.device_put(state, layout)  # as it came in (XLA may choose others): no recompiles
             position = iterator.get_state()
             ran += 1
@@ -360,7 +366,9 @@ def _train(cfg, workdir: str, c: Components, stop_after: int | None) -> TrainSta
         manager.wait_until_finished()
         writer.close()
     if (int(state.step) == c.total_steps or exhausted) and cfg.export_hf:
-        convert.save_hf_checkpoint(state.params, c.model_config, c.hf_config, os.path.join(workdir, "hf_export"))
+        params = hosts.replicate(state.params)  # every process takes part; process 0 writes
+        if hosts.is_main:
+            convert.save_hf_checkpoint(params, c.model_config, c.hf_config, os.path.join(workdir, "hf_export"))
     return state
 
 
