@@ -30,12 +30,7 @@ from rwr_jax.train import multihost, trainer  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/stage2.py:demo.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs, exports (resumed if it holds a checkpoint).")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Join the other processes of a multi-host run "
-                                 "(jax.distributed.initialize(), auto-detected on TPU pods and SLURM).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a multi-process run "
-                                   "JAX cannot detect (with --num_processes and --process_id).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of the run (with --coordinator_address).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+_JOIN_PROCESSES = multihost.define_flags(__name__)
 _STOP_AFTER = flags.DEFINE_integer("stop_after", None, "Stop after this many steps of this run (for testing "
                                    "preemption and resume).")
 
@@ -44,8 +39,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     host_memory.keep_freed_memory()  # before JAX starts its CPU backend (see rwr_jax/host_memory.py)
-    if _DISTRIBUTED.value or _COORDINATOR.value:
-        multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    _JOIN_PROCESSES()  # --distributed / --coordinator_address: a multi-host run
     config_lib.enable_compilation_cache(_CONFIG.value.compilation_cache_dir, _WORKDIR.value)
     trainer.train(_CONFIG.value, _WORKDIR.value, stop_after=_STOP_AFTER.value)
 

@@ -42,10 +42,10 @@ DEFAULT_RULES: Rules = (
 )
 
 
-def first_devices(num_devices: int) -> list[jax.Device]:
-    """The first `num_devices` of `jax.devices()` (0: all): a run smaller than its host (config
-    `mesh_devices`; the demos' tiny models use one device whatever the host has)."""
-    devices = jax.devices()
+def first_devices(num_devices: int, devices: Sequence[jax.Device] | None = None) -> list[jax.Device]:
+    """The first `num_devices` of `devices` (default `jax.devices()`; 0: all): a run smaller than
+    its host (config `mesh_devices`; the demos' tiny models use one device whatever the host has)."""
+    devices = list(jax.devices() if devices is None else devices)
     if not 0 <= num_devices <= len(devices):
         raise ValueError(f"mesh_devices must be in [0, {len(devices)}] (0: all {len(devices)} devices), "
                          f"got {num_devices}")

@@ -18,9 +18,14 @@ Results go to `workdir/predictions.jsonl` (`eval.predictions`), one line per rec
 flushed batch by batch: a rerun in the same workdir skips the records already there,
 so a crash or preemption loses at most the batch in flight. `metrics.json` summarises
 every line once all records are done.
+
+Several processes (hosts, `train.multihost`) split the records still to do, each on its
+own devices, writing `predictions.process-<i>.jsonl`; at the end process 0 merges those
+lines into predictions.jsonl in record order (a rerun reads all of these files).
 """
 
 import dataclasses
+import glob
 import json
 import os
 import time
@@ -38,9 +43,10 @@ from rwr_jax.models.qwen2_vl.model import VLConfig
 from rwr_jax.rl import parser
 from rwr_jax.rollout import engine, stop_strings
 from rwr_jax.rollout.trajectory import Trajectory
-from rwr_jax.train import trainer
+from rwr_jax.train import multihost, trainer
 
 PREDICTIONS_FILE, METRICS_FILE = "predictions.jsonl", "metrics.json"
+PROCESS_PREDICTIONS_FILE = "predictions.process-{}.jsonl"  # a process's lines in a multi-process run
 
 
 def answer_fields(row: parser.RowParse, logprobs: np.ndarray, truth: parser.GroundTruth) -> dict[str, Any]:
@@ -143,16 +149,20 @@ def _build_cdir(cfg, workdir: str, settings: cdir_lib.CdirConfig, tokenizer, con
     c = cfg.cdir
     clip_path, corpus_path = c.clip_checkpoint, c.corpus_path
     if c.get("demo"):  # a random CLIP; the demo's solved training cases
-        clip_path = clip_path or clip_demo.write_demo_clip(os.path.join(workdir, "demo_data", "clip"), cfg.seed)
+        if not clip_path:
+            clip_path = os.path.join(workdir, "demo_data", "clip")
+            multihost.run_on_main(lambda: clip_demo.write_demo_clip(clip_path, cfg.seed))
         corpus_path = corpus_path or demo_paths(cfg, workdir).cases
     encoder = image_index.ClipImageEncoder.from_pretrained(clip_path)
     index_dir = c.index_dir or os.path.join(workdir, "image_index")
-    if os.path.isfile(os.path.join(index_dir, index_lib.MANIFEST_FILE)):
-        retriever = image_index.open_image_index(index_dir, encoder, corpus_path)
-    else:
-        os.makedirs(index_dir, exist_ok=True)
-        corpus = image_index.ImageCorpus(corpus_path, os.path.join(index_dir, index_lib.OFFSETS_FILE))
-        retriever = image_index.build_image_index(index_dir, corpus, encoder)
+
+    def build_index():
+        if not os.path.isfile(os.path.join(index_dir, index_lib.MANIFEST_FILE)):
+            os.makedirs(index_dir, exist_ok=True)
+            corpus = image_index.ImageCorpus(corpus_path, os.path.join(index_dir, index_lib.OFFSETS_FILE))
+            image_index.build_image_index(index_dir, corpus, encoder)
+    multihost.run_on_main(build_index)
+    retriever = image_index.open_image_index(index_dir, encoder, corpus_path)
     prompts = cdir_lib.SecondPassPrompts(tokenizer, config, model_config.vision, settings,
                                          cfg.rollout.max_completion_length)
     return _Cdir(settings, retriever, prompts)
@@ -237,46 +247,87 @@ def evaluate(cfg, workdir: str, devices: Sequence[jax.Device] | None = None) -> 
     Returns:
       `predictions.summarize` of every record's line.
     """
-    if jax.process_count() > 1:
-        raise NotImplementedError(f"{jax.process_count()} processes: evaluation runs on the devices of one host")
     settings = check_config(cfg)
     os.makedirs(workdir, exist_ok=True)
+    if cfg.data.get("demo"):
+        multihost.run_on_main(lambda: demo_paths(cfg, workdir))
     path = eval_data_path(cfg, workdir)
     source = tfds_records.records_source(path, cfg.data.split,
                                          records.RecordsConfig(skip_malformed=cfg.data.skip_malformed))
     chosen = _records(source, cfg.data.limit)
     predictions_path = os.path.join(workdir, PREDICTIONS_FILE)
-    done = predictions_lib.read_predictions(predictions_path)
+    done = _finished(workdir)
+    multihost.barrier("rwr_jax eval: read what is done")  # before any process appends to its file
     todo = [record for record in chosen if record.id not in done]
     logging.info("Evaluating %d records of %s: %d already in %s", len(chosen), path, len(chosen) - len(todo),
                  predictions_path)
     if todo:
         positions = {record.id: index for index, record in enumerate(chosen)}
-        _run(cfg, workdir, settings, todo, positions, predictions_path, devices)
+        own_path = predictions_path
+        if jax.process_count() > 1:
+            own_path = os.path.join(workdir, PROCESS_PREDICTIONS_FILE.format(jax.process_index()))
+        _run(cfg, workdir, settings, todo[jax.process_index()::jax.process_count()], positions, own_path, devices)
+    if jax.process_count() > 1:
+        multihost.run_on_main(lambda: _merge_process_predictions(workdir, [record.id for record in chosen]))
     wanted = {record.id for record in chosen}
     metrics = predictions_lib.summarize([line for key, line in predictions_lib.read_predictions(
         predictions_path).items() if key in wanted], cdir=cfg.cdir.enabled)
     metrics["data"] = path
     if settings is not None:
         metrics["cdir_threshold"] = settings.threshold
-    with open(os.path.join(workdir, METRICS_FILE), "w") as f:
-        json.dump(metrics, f, indent=2)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, METRICS_FILE), "w") as f:
+            json.dump(metrics, f, indent=2)
     logging.info("Evaluation of %d records: %s", len(chosen), json.dumps(metrics))
     return metrics
+
+
+def _process_files(workdir: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(workdir, PROCESS_PREDICTIONS_FILE.format("*"))))
+
+
+def _finished(workdir: str) -> dict[str, dict[str, Any]]:
+    """id -> line of every record predictions.jsonl or a process's file holds."""
+    done = {}
+    for path in [os.path.join(workdir, PREDICTIONS_FILE), *_process_files(workdir)]:
+        for record_id, line in predictions_lib.read_predictions(path).items():
+            if record_id in done:
+                raise ValueError(f"{path}: id {record_id!r} is also in another predictions file of {workdir}")
+            done[record_id] = line
+    return done
+
+
+def _merge_process_predictions(workdir: str, order: list[str]) -> None:
+    """Every process's lines into predictions.jsonl (the evaluated records in `order`, then any
+    others as they were), written atomically; the process files are then removed."""
+    done, files = _finished(workdir), _process_files(workdir)
+    if not files:
+        return
+    rank = {record_id: i for i, record_id in enumerate(order)}
+    lines = sorted(done.values(), key=lambda line: rank.get(line["id"], len(order)))
+    path = os.path.join(workdir, PREDICTIONS_FILE)
+    staging = f"{path}.merging"
+    if os.path.exists(staging):
+        os.remove(staging)
+    predictions_lib.append_predictions(staging, lines)
+    os.replace(staging, path)
+    for file in files:
+        os.remove(file)
 
 
 def _run(cfg, workdir: str, settings: cdir_lib.CdirConfig | None, todo: list[records.Record],
          positions: dict[str, int], predictions_path: str, devices: Sequence[jax.Device] | None) -> None:
     """Evaluates the `todo` records batch by batch, appending their lines to predictions_path;
-    `positions`: each evaluated record's index in the whole set."""
+    `positions`: each evaluated record's index in the whole set. Every process calls it (files
+    it builds on first use are written by process 0), also one with no records left to do."""
     tokenizer = tokenizer_lib.load_tokenizer(cfg.tokenizer_path or None)
-    devices = devices if devices is not None else sharding.first_devices(cfg.mesh_devices)
+    devices = devices if devices is not None else sharding.first_devices(cfg.mesh_devices, jax.local_devices())
     mesh, rules = sharding.make_mesh(dict(cfg.mesh), devices), sharding.rules_from_config(cfg.sharding_rules)
     with jax.set_mesh(mesh), sharding.axis_rules(rules):
         model, model_config, params, _ = trainer.build_model(cfg, tokenizer, mesh, rules)
         config = pipeline_config(cfg, model_config)
         vision_config = model_config.vision if isinstance(model_config, VLConfig) else None
-        pipeline = PromptPipeline(todo, tokenizer, config, vision_config)
+        pipeline = PromptPipeline(todo, tokenizer, config, vision_config) if todo else None
         retrieve = (trainer.build_retrieve(cfg, workdir) if cfg.rollout.max_rounds > 1
                     else (lambda queries: [[] for _ in queries]))
         cdir = None if settings is None else _build_cdir(cfg, workdir, settings, tokenizer, config, model_config)
@@ -284,14 +335,14 @@ def _run(cfg, workdir: str, settings: cdir_lib.CdirConfig | None, todo: list[rec
         evaluator = _Evaluator(cfg, model, params, tokenizer, retrieve, cdir, text.vocab_size)
         by_id = {record.id: record for record in todo}
         start, finished, correct = time.perf_counter(), 0, 0
-        for batch in pipeline:
+        for batch in pipeline or ():
             lines = evaluator(batch, by_id, positions[batch.ids[0]])
             predictions_lib.append_predictions(predictions_path, lines)
             finished += len(lines)
             correct += sum(line["correct"] for line in lines)
             rate = finished / (time.perf_counter() - start)
-            logging.info("eval: %d/%d records, accuracy %.3f (this run), %.2f records/s, ETA %.0f s",
-                         len(positions) - len(todo) + finished, len(positions), correct / max(finished, 1), rate,
-                         (len(todo) - finished) / rate)
-        for record_id, problem in pipeline.skipped_oversized.items():
+            logging.info("eval: %d/%d records of this run%s, accuracy %.3f, %.2f records/s, ETA %.0f s", finished,
+                         len(todo), f" (process {jax.process_index()})" if jax.process_count() > 1 else "",
+                         correct / max(finished, 1), rate, (len(todo) - finished) / rate)
+        for record_id, problem in (pipeline.skipped_oversized if pipeline else {}).items():
             logging.warning("Not evaluated (data.skip_oversized): %s %s", record_id, problem)

@@ -19,6 +19,7 @@ single-host run takes exactly the path it always took.
 """
 
 import dataclasses
+import sys
 from typing import Any, Callable, Mapping
 
 import jax
@@ -43,12 +44,42 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 
+def define_flags(module_name: str) -> Callable[[], None]:
+    """Defines a launch script's --distributed, --coordinator_address, --num_processes and
+    --process_id (listed by its --help: `module_name` is the script's `__name__`); returns the
+    function that joins the processes they name (a no-op without them)."""
+    from absl import flags  # pylint: disable=g-import-not-at-top
+
+    if module_name == "__main__":  # absl files a script's own flags under its path
+        module_name = sys.argv[0]
+    distributed = flags.DEFINE_bool("distributed", False, "Join the other processes of a multi-host run "
+                                    "(jax.distributed.initialize(), auto-detected on TPU pods and SLURM).",
+                                    module_name=module_name)
+    coordinator = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a multi-process "
+                                      "run JAX cannot detect (with --num_processes and --process_id).",
+                                      module_name=module_name)
+    num_processes = flags.DEFINE_integer("num_processes", None, "Processes of the run (with --coordinator_address).",
+                                         module_name=module_name)
+    process_id = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).",
+                                      module_name=module_name)
+
+    def join():
+        if distributed.value or coordinator.value:
+            initialize(coordinator.value, num_processes.value, process_id.value)
+    return join
+
+
+def barrier(name: str) -> None:
+    """Waits until every process gets here (nothing with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
 def run_on_main(fn: Callable[[], Any]) -> None:
     """Runs `fn` on process 0 while the others wait for it: files written once, then read by all."""
     if jax.process_index() == 0:
         fn()
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("rwr_jax run_on_main")
+    barrier("rwr_jax run_on_main")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,12 +190,12 @@ class Hosts:
         images = batch.images
         if images is not None:
             widths.update(images=images.patch_mask.shape[0], patches=images.patch_mask.shape[1])
-        agreed = self.maximum(widths)
-        if images is not None:  # each process's images divide over its devices of the batch axes
+        agreed, image_tokens = self.maximum(widths), 0
+        if images is not None:
+            # Each process's images divide over its devices of the batch axes.
             shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"] // jax.process_count()
             agreed["images"] = -(-agreed["images"] // shards) * shards
-        image_tokens = 0
-        if images is not None:  # ranks 0 ... K - 1 of this process's K image tokens
+            # Its image tokens have ranks 0 ... K - 1; they follow those of the processes before it.
             counts = self.all_rows(np.asarray([np.asarray(batch.image_feature_index).max() + 1]))
             image_tokens = int(counts[:jax.process_index()].sum())
         padded = pad_batch(batch, prompt_length, agreed["prompt"], agreed["completion"],

@@ -1,7 +1,9 @@
-"""Evaluation: answers scored by hand, unique ids, and the demo run resumed after a crash."""
+"""Evaluation: answers scored by hand, unique ids, the demo run resumed after a crash, and
+several processes splitting the records."""
 
 import json
 import os
+import sys
 
 import jax
 import numpy as np
@@ -11,6 +13,7 @@ from configs import eval as eval_config
 from rwr_jax.data import records
 from rwr_jax.eval import evaluate, predictions
 from rwr_jax.rl import parser
+from tests.multiprocess import free_address, run_processes, subprocess_env
 from tests.rl.test_parser import ANSWER, EOS, PASSAGE, QUERY, SEARCH, THINK, make_trajectory, row
 
 ONE_DEVICE = jax.devices()[:1]
@@ -116,3 +119,54 @@ def test_demo_evaluation_with_cdir_consults_a_similar_case(tmp_path):
         assert line["completion"] == final["completion"]
     assert metrics["accuracy_first_pass"] == np.mean([line.get("cdir", {}).get("first_pass", line)["correct"]
                                                       for line in lines])
+
+
+def _write_lines(path, ids, torn=b""):
+    with open(path, "wb") as f:
+        f.write(b"".join(json.dumps({"id": i, "correct": True}).encode() + b"\n" for i in ids) + torn)
+
+
+def test_process_files_merge_into_predictions_in_record_order(tmp_path):
+    """A multi-process run's files (one with a torn last line) become predictions.jsonl in the
+    records' order, lines of records outside the evaluated set last; the process files go."""
+    _write_lines(tmp_path / evaluate.PREDICTIONS_FILE, ["r1", "old"])
+    _write_lines(tmp_path / evaluate.PROCESS_PREDICTIONS_FILE.format(0), ["r0", "r4"])
+    _write_lines(tmp_path / evaluate.PROCESS_PREDICTIONS_FILE.format(1), ["r3"], torn=b'{"id": "r5", "cor')
+    assert sorted(evaluate._finished(str(tmp_path))) == ["old", "r0", "r1", "r3", "r4"]
+    evaluate._merge_process_predictions(str(tmp_path), ["r0", "r1", "r2", "r3", "r4", "r5"])
+    assert list(predictions.read_predictions(str(tmp_path / evaluate.PREDICTIONS_FILE))) == [
+        "r0", "r1", "r3", "r4", "old"]
+    assert sorted(os.listdir(tmp_path)) == [evaluate.PREDICTIONS_FILE]
+
+
+def test_an_id_in_two_predictions_files_is_refused(tmp_path):
+    _write_lines(tmp_path / evaluate.PREDICTIONS_FILE, ["r1"])
+    _write_lines(tmp_path / evaluate.PROCESS_PREDICTIONS_FILE.format(1), ["r1"])
+    with pytest.raises(ValueError, match=r"predictions.process-1.jsonl: id 'r1' is also in another predictions"):
+        evaluate._finished(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_records_and_answer_as_one(tmp_path):
+    """launch/eval.py as two processes (greedy, with CDIR): each answers its share of the records
+    on its own device; predictions.jsonl then holds every record once, in order, with the
+    answers and completions of a one-process run."""
+    cfg = eval_config.get_config("demo,cdir,limit=6")
+    cfg.rollout.temperature = 0.0
+    one = evaluate.evaluate(cfg, str(tmp_path / "one"), devices=ONE_DEVICE)
+    address, work = free_address(), tmp_path / "two"
+    run_processes([[sys.executable, "launch/eval.py", "--config=configs/eval.py:demo,cdir,limit=6",
+                    "--config.rollout.temperature=0", f"--workdir={work}", f"--coordinator_address={address}",
+                    "--num_processes=2", f"--process_id={p}"] for p in (0, 1)], subprocess_env(devices=1))
+    assert sorted(os.listdir(work)) == ["compilation_cache", "demo_data", "image_index", "index",
+                                        evaluate.METRICS_FILE, evaluate.PREDICTIONS_FILE]
+    expected = predictions.read_predictions(str(tmp_path / "one" / evaluate.PREDICTIONS_FILE))
+    got = predictions.read_predictions(str(work / evaluate.PREDICTIONS_FILE))
+    assert list(got) == list(expected)
+    for record_id, line in expected.items():
+        for key in ("prediction", "correct", "completion", "queries", "finish_reason"):
+            assert got[record_id][key] == line[key], (record_id, key)
+    with open(work / evaluate.METRICS_FILE) as f:
+        metrics = json.load(f)
+    assert metrics["num_records"] == 6 and metrics["accuracy"] == one["accuracy"]
+    assert metrics["cdir_consulted"] == one["cdir_consulted"]

@@ -4,8 +4,6 @@ stage-2 run trains, stops, resumes and exports (JAX's gloo CPU collectives, loca
 processes as DESIGN.md §5 plans)."""
 
 import os
-import socket
-import subprocess
 import sys
 
 import jax
@@ -14,35 +12,8 @@ import pytest
 
 from rwr_jax import sharding
 from rwr_jax.train import multihost
+from tests.multiprocess import free_address, run_processes, subprocess_env
 from tests.train import two_process_update as worker
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _free_address() -> str:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return f"localhost:{s.getsockname()[1]}"
-
-
-def _env(devices: int) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    return env
-
-
-def _run_processes(commands: list[list[str]], env: dict, timeout: int = 900) -> list[subprocess.CompletedProcess]:
-    running = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for c in commands]
-    try:
-        outputs = [p.communicate(timeout=timeout)[0] for p in running]
-    finally:
-        for p in running:
-            p.kill()
-    for p, output in zip(running, outputs):
-        assert p.returncode == 0, output[-6000:]
-    return outputs
 
 
 def _host_batch(process):
@@ -100,9 +71,9 @@ def test_two_processes_update_as_one_process_on_all_their_rows(tmp_path):
     different prompt, completion, image and patch widths: their one update (params then
     gathered into each process's replica) equals one process's on both sets of rows (padded
     to the same widths, process 1's image ranks after process 0's 8 image tokens)."""
-    address, out = _free_address(), str(tmp_path / "update.npz")
-    _run_processes([[sys.executable, "tests/train/two_process_update.py", address, str(p), out] for p in (0, 1)],
-                   _env(devices=2))
+    address, out = free_address(), str(tmp_path / "update.npz")
+    run_processes([[sys.executable, "tests/train/two_process_update.py", address, str(p), out] for p in (0, 1)],
+                  subprocess_env(devices=2))
     (b0, p0, _), (b1, p1, _) = _host_batch(0), _host_batch(1)
     prompt_length, completion = max(p0, p1), max(b0.loss_mask.shape[1], b1.loss_mask.shape[1])
     images = tuple(max(a, b) for a, b in zip(b0.images.patch_mask.shape, b1.images.patch_mask.shape))
@@ -133,14 +104,14 @@ def test_two_process_stage2_demo_stops_resumes_and_exports(tmp_path):
                 f"--workdir={tmp_path}", f"--coordinator_address={address}", "--num_processes=2",
                 f"--process_id={process}", *extra]
 
-    address = _free_address()
-    _run_processes([command(p, address, "--stop_after=1") for p in (0, 1)], _env(devices=1))
+    address = free_address()
+    run_processes([command(p, address, "--stop_after=1") for p in (0, 1)], subprocess_env(devices=1))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
     assert sorted(os.listdir(tmp_path / "checkpoints" / "1" / "data")) == [
         "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
     assert not (tmp_path / "hf_export").exists()
-    address = _free_address()
-    outputs = _run_processes([command(p, address) for p in (0, 1)], _env(devices=1))
+    address = free_address()
+    outputs = run_processes([command(p, address) for p in (0, 1)], subprocess_env(devices=1))
     assert all("restored checkpoint step 1" in output for output in outputs)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(tmp_path / "tensorboard"))
