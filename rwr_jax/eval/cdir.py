@@ -6,8 +6,8 @@
 
 After the normal retrieval loop, a multimodal record whose answer's first token has
 probability below `CdirConfig.threshold` (or that gave no answer) is answered again:
-1. the corpus case whose image is nearest to the record's first image (CLIP cosine,
-   `retrieval.image_index`; the record's own image file never counts as its case);
+1. the corpus case whose image is nearest to any of the record's images (CLIP cosine,
+   `retrieval.image_index`; the record's own image files never count as its case);
 2. that image is added to the user turn, after the record's own images;
 3. the first completion is kept up to the end of its last retrieved block (its last
    round's reasoning and answer are dropped: `kept_completion`) and continued with a
@@ -78,12 +78,20 @@ def kept_completion(tokens: np.ndarray, source: np.ndarray, length: int) -> np.n
 
 
 def nearest_cases(retriever: ImageRetriever, records_: Sequence[records.Record]) -> list[ImageHit | None]:
-    """For each record, the corpus case whose image is most similar to the record's first one, other
-    than that image's own file (None if there is none)."""
-    found = retriever.search_images([load_record_images(record)[0] for record in records_], k=2)
-    own = [os.path.realpath(r.images[0]) if r.image_bytes is None else None for r in records_]
-    return [next((hit for hit in hits if os.path.realpath(hit.image_path) != path), None)
-            for path, hits in zip(own, found)]
+    """For each record, the corpus case whose image is the most similar to any of the record's
+    images, other than the record's own image files (None if there is none).
+
+    All images of all records go to the index in one search.
+    """
+    images = [load_record_images(record) for record in records_]
+    most = max((len(x) for x in images), default=0)
+    found = iter(retriever.search_images([image for row in images for image in row], k=most + 1))
+    cases = []
+    for record, row in zip(records_, images):
+        own = set() if record.image_bytes is not None else {os.path.realpath(path) for path in record.images}
+        hits = [hit for _ in row for hit in next(found) if os.path.realpath(hit.image_path) not in own]
+        cases.append(max(hits, key=lambda hit: hit.score, default=None))
+    return cases
 
 
 def consultation_ids(tokenizer, case: ImageHit, config: CdirConfig, continues: bool) -> list[int]:

@@ -78,6 +78,26 @@ def test_nearest_case_is_never_the_query_image_itself(tmp_path):
     assert found[1].image_path == inside  # another file with the same pixels is a fair case
 
 
+def test_nearest_case_of_a_record_with_two_images_is_the_best_match_of_either(tmp_path):
+    corpus = image_index.ImageCorpus(image_fixtures.write_corpus(tmp_path))
+    retriever = image_index.build_image_index(str(tmp_path / "index"), corpus, image_fixtures.make_encoder(),
+                                              searcher="brute_force", batch_size=4, chunk_rows=4)
+    inside, copy = str(tmp_path / "images" / "img3.png"), str(tmp_path / "copy5.png")
+    with open(tmp_path / "images" / "img5.png", "rb") as f, open(copy, "wb") as g:
+        g.write(f.read())
+    first_only = cdir.nearest_cases(retriever, [records.Record(id="a", question="q", images=(inside,), answer="A")])
+    both, swapped = cdir.nearest_cases(retriever, [
+        records.Record(id=i, question="q", images=images, answer="A")
+        for i, images in (("b", (inside, copy)), ("c", (copy, inside)))])
+    assert first_only[0].image_path != str(tmp_path / "images" / "img5.png")
+    # The second image's copy matches corpus image 5 exactly: the best case over both images, in either order.
+    assert both.image_path == swapped.image_path == str(tmp_path / "images" / "img5.png")
+    assert both.score == pytest.approx(1.0, abs=1e-5) and both.score > first_only[0].score
+    img5 = str(tmp_path / "images" / "img5.png")
+    own = cdir.nearest_cases(retriever, [records.Record(id="d", question="q", images=(inside, img5), answer="A")])
+    assert own[0].image_path not in (inside, img5)  # neither own file counts
+
+
 def test_second_pass_prompt_adds_the_case_image_and_continues_the_kept_completion(tmp_path):
     tokenizer = tokenizer_lib.load_tokenizer()
     image_fixtures.write_corpus(tmp_path, rows=[], num=2)
