@@ -1,11 +1,12 @@
 """Med-RwR records as a TFDS dataset (array_record), images inside: build once, read with grain.
 
-    path = build_dataset({"train": "/data/train.jsonl", "test": "/data/test.jsonl"}, "/data/tfds")
+    path, _ = build_dataset({"train": "/data/train.jsonl", "test": "/data/test.jsonl"}, "/data/tfds")
     source = TfdsSource(path, split="train")     # random access `Record`s, as `records.JsonlSource`
     source = records_source(path_or_jsonl, split="train")    # either kind, chosen by the path
 
 Building reads each jsonl with `records.JsonlSource` (every row checked; a malformed one
-stops the build naming its file and line) and stores every field a `Record` holds, its
+stops the build naming its file and line, or with `skip_malformed` is left out and logged)
+and stores every field a `Record` holds, its
 images as their encoded bytes, so the dataset directory is self-contained: copy it to a
 bucket or a pod's disks and the image paths of the machine that built it no longer
 matter. Reading needs neither TensorFlow nor the original files: `tfds.data_source`
@@ -34,8 +35,10 @@ class MedRwrRecords(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version(VERSION)
     name = DATASET_NAME
 
-    def __init__(self, *, splits: Mapping[str, str] | None = None, **kwargs):
+    def __init__(self, *, splits: Mapping[str, str] | None = None, skip_malformed: bool = False, **kwargs):
         self._jsonl = dict(splits or {})
+        self._config = records.RecordsConfig(validate_on_open=True, skip_malformed=skip_malformed)
+        self.skipped: dict[str, tuple[str, ...]] = {}  # split -> "file:line: problem" of each row left out
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -51,10 +54,11 @@ class MedRwrRecords(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing is downloaded
-        return {split: self._generate_examples(path) for split, path in self._jsonl.items()}
+        return {split: self._generate_examples(split, path) for split, path in self._jsonl.items()}
 
-    def _generate_examples(self, path: str):
-        source = records.JsonlSource(path, records.RecordsConfig(validate_on_open=True))
+    def _generate_examples(self, split: str, path: str):
+        source = records.JsonlSource(path, self._config)
+        self.skipped[split] = source.skipped
         for index in range(len(source)):
             record = source[index]
             yield f"{index:012d}", {
@@ -72,8 +76,18 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
-def build_dataset(splits: Mapping[str, str], data_dir: str) -> str:
-    """Builds the dataset of `splits` (split name -> jsonl file) under `data_dir`; returns its directory.
+def build_dataset(splits: Mapping[str, str], data_dir: str, *, skip_malformed: bool = False
+                  ) -> tuple[str, dict[str, tuple[str, ...]]]:
+    """Builds the dataset of `splits` (split name -> jsonl file) under `data_dir`.
+
+    Args:
+      splits: split name -> jsonl file.
+      data_dir: where the dataset goes (<data_dir>/med_rwr_records/1.0.0).
+      skip_malformed: leave out malformed rows (and rows naming a missing image) instead
+        of stopping; each is logged and returned.
+
+    Returns:
+      (the dataset directory, split -> "file:line: problem" of every row left out).
 
     Raises:
       ValueError: no splits, or a row is malformed (file, line and field named).
@@ -82,9 +96,9 @@ def build_dataset(splits: Mapping[str, str], data_dir: str) -> str:
     if not splits:
         raise ValueError("build_dataset needs at least one split: {name: jsonl path}")
     builder = MedRwrRecords(splits={name: os.path.abspath(path) for name, path in splits.items()},
-                            data_dir=data_dir, file_format="array_record")
+                            skip_malformed=skip_malformed, data_dir=data_dir, file_format="array_record")
     builder.download_and_prepare()
-    return str(builder.data_dir)
+    return str(builder.data_dir), builder.skipped
 
 
 def is_dataset_dir(path: str) -> bool:

@@ -17,7 +17,8 @@ from rwr_jax.models.qwen2_vl.vision import VisionConfig
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("tfds")
     paths = demo.generate_demo_data(root / "demo", num_train=6, num_eval=3, seed=5)
-    dataset = tfds_records.build_dataset({"train": paths.train, "test": paths.eval}, str(root / "tfds"))
+    dataset, skipped = tfds_records.build_dataset({"train": paths.train, "test": paths.eval}, str(root / "tfds"))
+    assert skipped == {"train": (), "test": ()}
     return paths, dataset
 
 
@@ -67,7 +68,7 @@ def test_records_source_picks_the_kind_by_path(built):
         tfds_records.TfdsSource(paths.root, "train")
 
 
-def test_a_malformed_row_stops_the_build_naming_it(tmp_path):
+def test_a_malformed_row_stops_the_build_naming_it_or_is_left_out(tmp_path):
     rows = [{"id": "a", "question": "Q?\nA. x\nB. y", "answer": "A. x", "images": []},
             {"id": "b", "question": "Q?", "answer": 3, "images": []}]
     path = tmp_path / "bad.jsonl"
@@ -77,6 +78,14 @@ def test_a_malformed_row_stops_the_build_naming_it(tmp_path):
     with pytest.raises(ValueError, match="at least one split"):
         tfds_records.build_dataset({}, str(tmp_path / "tfds"))
     assert not os.path.exists(tmp_path / "tfds" / tfds_records.DATASET_NAME / tfds_records.VERSION)
+    # skip_malformed: the row is left out and reported; the others keep their order.
+    rows.append({"id": "c", "question": "Q?\nA. x\nB. y", "answer": "B. y", "images": ["missing.png"]})
+    rows.append({"id": "d", "question": "Q?\nA. x\nB. y", "answer": "B. y", "images": []})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dataset, skipped = tfds_records.build_dataset({"train": str(path)}, str(tmp_path / "tfds"), skip_malformed=True)
+    assert [problem.split(": ")[0] for problem in skipped["train"]] == [f"{path}:2", f"{path}:3"]
+    source = tfds_records.TfdsSource(dataset, "train")
+    assert [source[i].id for i in range(len(source))] == ["a", "d"]
 
 
 def test_training_and_evaluation_configs_read_a_dataset_directory(built, tmp_path):
