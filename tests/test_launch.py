@@ -31,6 +31,8 @@ def test_help(script):
     with open(os.path.join(ROOT, "launch", script)) as f:
         summary = ast.get_docstring(ast.parse(f.read())).splitlines()[0]
     assert output.startswith(summary) and "--helpfull" in output
+    if script in ("train.py", "eval.py"):  # the multi-host flags, listed with the script's own
+        assert "--[no]distributed" in output and "--coordinator_address" in output
 
 
 @pytest.mark.slow
@@ -65,25 +67,27 @@ def _fake_tool(directory, name):
 
 
 @pytest.mark.parametrize("script,tool,args", [
-    ("launch/tpu/train.sh", "gcloud", ["pod", "zone-a", "configs/stage2.py:data=/d/a b.jsonl", "/runs/s2",
-                                       "--config.seed=3"]),
-    ("launch/gpu/train.sbatch", "srun", ["configs/stage2.py:data=/d/a b.jsonl", "/runs/s2", "--config.seed=3"]),
+    ("launch/tpu/run.sh", "gcloud", ["pod", "zone-a", "configs/stage2.py:data=/d/a b.jsonl", "/runs/s2",
+                                     "--config.seed=3"]),
+    ("launch/gpu/run.sbatch", "srun", ["configs/stage2.py:data=/d/a b.jsonl", "/runs/s2", "--config.seed=3"]),
 ])
-def test_multihost_launch_scripts_start_every_process_with_distributed(tmp_path, script, tool, args):
-    """The pod / cluster scripts hand launch/train.py the config (spaces kept), the workdir,
-    --distributed (a flag train.py defines) and the extra flags; too few arguments print the usage."""
+@pytest.mark.parametrize("entry", ["train", "eval"])
+def test_multihost_launch_scripts_start_every_process_with_distributed(tmp_path, script, tool, args, entry):
+    """The pod / cluster scripts hand launch/train.py or launch/eval.py the config (spaces kept),
+    the workdir, --distributed (test_help: both define it) and the extra flags; a wrong call prints the usage."""
     _fake_tool(tmp_path, tool)
     env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}")
-    subprocess.run(["bash", script, *args], cwd=ROOT, env=env, check=True, timeout=60)
+    subprocess.run(["bash", script, entry, *args], cwd=ROOT, env=env, check=True, timeout=60)
     called = (tmp_path / f"{tool}.args").read_text().splitlines()
     if tool == "gcloud":  # one shell command for every worker
         assert called[:5] == ["compute", "tpus", "tpu-vm", "ssh", "pod"] and "--worker=all" in called
         command = called[-1].removeprefix("--command=")
         called = subprocess.run(["bash", "-c", f"printf '%s\\n' {command.split('&& ', 1)[1]}"], check=True,
                                 capture_output=True, text=True).stdout.splitlines()
-    start = called.index("launch/train.py")
-    assert called[start:] == ["launch/train.py", "--config=configs/stage2.py:data=/d/a b.jsonl",
+    start = called.index(f"launch/{entry}.py")
+    assert called[start:] == [f"launch/{entry}.py", "--config=configs/stage2.py:data=/d/a b.jsonl",
                               "--workdir=/runs/s2", "--distributed", "--config.seed=3"]
-    assert "--[no]distributed" in _run("launch/train.py", "--help", ok_codes=(0, 1))
-    usage = subprocess.run(["bash", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert usage.returncode == 2 and "launch/train.py" in usage.stderr
+    for wrong in ([], ["bench", *args]):
+        usage = subprocess.run(["bash", script, *wrong], cwd=ROOT, env=env, capture_output=True, text=True,
+                               timeout=60)
+        assert usage.returncode == 2 and "train|eval" in usage.stderr
