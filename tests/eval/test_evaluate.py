@@ -163,6 +163,11 @@ def test_two_processes_split_the_records_and_answer_as_one(tmp_path):
     expected = predictions.read_predictions(str(tmp_path / "one" / evaluate.PREDICTIONS_FILE))
     got = predictions.read_predictions(str(work / evaluate.PREDICTIONS_FILE))
     assert list(got) == list(expected)
+    # A multi-process run that crashed, finished by one process: its lines are merged in too.
+    os.rename(work / evaluate.PREDICTIONS_FILE, work / evaluate.PROCESS_PREDICTIONS_FILE.format(1))
+    assert evaluate.evaluate(cfg, str(work), devices=ONE_DEVICE)["num_records"] == 6
+    assert list(predictions.read_predictions(str(work / evaluate.PREDICTIONS_FILE))) == list(expected)
+    assert not os.path.exists(work / evaluate.PROCESS_PREDICTIONS_FILE.format(1))
     for record_id, line in expected.items():
         for key in ("prediction", "correct", "completion", "queries", "finish_reason"):
             assert got[record_id][key] == line[key], (record_id, key)
