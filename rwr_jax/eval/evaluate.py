@@ -36,7 +36,7 @@ import jax
 import numpy as np
 
 from rwr_jax import sharding
-from rwr_jax.data import demo as demo_data, records, tfds_records, tokenizer as tokenizer_lib
+from rwr_jax.data import records, tfds_records, tokenizer as tokenizer_lib
 from rwr_jax.data.pipeline import HostPromptBatch, PipelineConfig, PromptPipeline
 from rwr_jax.eval import cdir as cdir_lib, predictions as predictions_lib
 from rwr_jax.models.qwen2_vl.model import VLConfig
@@ -77,15 +77,9 @@ def prediction_line(record: records.Record, traj: Trajectory, b: int, row: parse
             "finish_reason": traj.finish_reason_names()[b], "completion": _completion_text(tokenizer, traj, b)}
 
 
-def demo_paths(cfg, workdir: str) -> demo_data.DemoPaths:
-    """The demo set in workdir/demo_data (written on first use; the same files as the trainer's demo)."""
-    return demo_data.generate_demo_data(os.path.join(workdir, "demo_data"), num_train=cfg.data.demo_size,
-                                        seed=cfg.seed, multimodal=cfg.data.max_images_per_prompt > 0)
-
-
 def eval_data_path(cfg, workdir: str) -> str:
     """The records to evaluate: `data.path`, or the demo set's eval split."""
-    return demo_paths(cfg, workdir).eval if cfg.data.get("demo") else cfg.data.path
+    return trainer.demo_paths(cfg, workdir).eval if cfg.data.get("demo") else cfg.data.path
 
 
 def _records(source, limit: int) -> list[records.Record]:
@@ -152,7 +146,7 @@ def _build_cdir(cfg, workdir: str, settings: cdir_lib.CdirConfig, tokenizer, con
         if not clip_path:
             clip_path = os.path.join(workdir, "demo_data", "clip")
             multihost.run_on_main(lambda: clip_demo.write_demo_clip(clip_path, cfg.seed))
-        corpus_path = corpus_path or demo_paths(cfg, workdir).cases
+        corpus_path = corpus_path or trainer.demo_paths(cfg, workdir).cases
     encoder = image_index.ClipImageEncoder.from_pretrained(clip_path)
     index_dir = c.index_dir or os.path.join(workdir, "image_index")
 
@@ -250,7 +244,7 @@ def evaluate(cfg, workdir: str, devices: Sequence[jax.Device] | None = None) -> 
     settings = check_config(cfg)
     os.makedirs(workdir, exist_ok=True)
     if cfg.data.get("demo"):
-        multihost.run_on_main(lambda: demo_paths(cfg, workdir))
+        multihost.run_on_main(lambda: trainer.demo_paths(cfg, workdir))
     path = eval_data_path(cfg, workdir)
     source = tfds_records.records_source(path, cfg.data.split,
                                          records.RecordsConfig(skip_malformed=cfg.data.skip_malformed))

@@ -94,7 +94,8 @@ def build_model(cfg, tokenizer, mesh: jax.sharding.Mesh, rules: sharding.Rules):
 
 # ------------------------------------------------------------------------------ data
 def demo_paths(cfg, workdir) -> demo_data.DemoPaths:
-    """The demo presets' synthetic set, written into `workdir` (identical files are left alone)."""
+    """The demo presets' synthetic set in workdir/demo_data (training and evaluation use the same
+    files; written on first use, identical files left alone)."""
     return demo_data.generate_demo_data(os.path.join(workdir, "demo_data"), num_train=cfg.data.demo_size,
                                         seed=cfg.seed, multimodal=cfg.data.max_images_per_prompt > 0)
 
