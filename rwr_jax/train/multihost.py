@@ -141,9 +141,10 @@ class Hosts:
         process a whole copy, sharded over its own devices as the specs say)."""
         if not self.multi:
             return tree
-        with jax.set_mesh(self.replica_mesh):  # an all-gather over the hosts
-            replicas = jax.device_put(tree, jax.tree_util.tree_map(
-                lambda x: jax.sharding.NamedSharding(self.replica_mesh, x.sharding.spec), tree))
+        shardings = jax.tree_util.tree_map(lambda x: jax.sharding.NamedSharding(self.replica_mesh, x.sharding.spec),
+                                           tree)
+        with jax.set_mesh(self.replica_mesh):  # an all-gather over the hosts, one program for the whole tree
+            replicas = jax.jit(_identity, out_shardings=shardings)(tree)
 
         def local(x):
             target = jax.sharding.NamedSharding(self.local_mesh, x.sharding.spec)
@@ -206,6 +207,10 @@ class Hosts:
             specs = specs.replace(positions=jax.sharding.PartitionSpec(None, _BATCH_AXES))
         masks = (self.all_rows(padded.loss_mask), self.all_rows(padded.token_mask))
         return multihost_utils.host_local_array_to_global_array(padded, self.mesh, specs), agreed["prompt"], masks
+
+
+def _identity(tree):
+    return tree
 
 
 def _pad(x: np.ndarray, axis: int, before: int, after: int, value=0) -> np.ndarray:

@@ -70,10 +70,11 @@ def test_two_processes_update_as_one_process_on_all_their_rows(tmp_path):
     """Two processes of 2 devices (an fsdp = 4 mesh: params sharded over both), rows of
     different prompt, completion, image and patch widths: their one update (params then
     gathered into each process's replica) equals one process's on both sets of rows (padded
-    to the same widths, process 1's image ranks after process 0's 8 image tokens)."""
+    to the same widths, process 1's image ranks after process 0's 8 image tokens). The worker
+    also replicates a tree of 729 leaves (a per-leaf device_put hung there)."""
     address, out = free_address(), str(tmp_path / "update.npz")
     run_processes([[sys.executable, "tests/train/two_process_update.py", address, str(p), out] for p in (0, 1)],
-                  subprocess_env(devices=2))
+                  subprocess_env(devices=2), timeout=400)
     (b0, p0, _), (b1, p1, _) = _host_batch(0), _host_batch(1)
     prompt_length, completion = max(p0, p1), max(b0.loss_mask.shape[1], b1.loss_mask.shape[1])
     images = tuple(max(a, b) for a, b in zip(b0.images.patch_mask.shape, b1.images.patch_mask.shape))

@@ -81,6 +81,13 @@ def main(address: str, process: int, out: str) -> None:
         batch, prompt_length, masks = hosts.global_batch(*local_batch(process))
         state, metrics = update(hosts.mesh, batch, prompt_length, masks)
         params = hosts.replicate(state.params)
+        # As many leaves as Qwen2.5-VL-7B (729): one gather program (resharding leaf by leaf, the processes'
+        # collectives could interleave differently and deadlock).
+        many = {f"w{i}": jax.device_put(np.full((4, 8), i, np.float32),
+                                        jax.sharding.NamedSharding(hosts.mesh, jax.sharding.PartitionSpec("fsdp")))
+                for i in range(729)}
+        copies = hosts.replicate(many)
+        assert all((np.asarray(copies[f"w{i}"]) == i).all() for i in range(729))
     if process == 0:
         leaves = jax.tree_util.tree_leaves_with_path(params)
         np.savez(out, **{jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves},
