@@ -8,6 +8,7 @@ assembles; process 0 writes the new params and the step's metrics. The test comp
 with one process updating on both processes' rows.
 """
 
+import contextlib
 import sys
 
 import jax
@@ -74,6 +75,22 @@ def update(mesh, batch: TrainBatch, prompt_length: int, masks) -> tuple[TrainSta
                       **packed_sizes(loss_mask, token_mask, MICRO_BATCHES, 4))
 
 
+@contextlib.contextmanager
+def traces():
+    """Yields a one-item list: how many functions JAX traces to a jaxpr in the block."""
+    count = [0]
+
+    def listener(event: str, duration_secs: float, **kwargs):
+        del duration_secs, kwargs
+        count[0] += event == "/jax/core/compile/jaxpr_trace_duration"
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield count
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
 def main(address: str, process: int, out: str) -> None:
     multihost.initialize(address, 2, process)
     hosts = multihost.Hosts.create({"data": 1, "fsdp": -1})  # the real runs' layout: params over both hosts
@@ -88,6 +105,9 @@ def main(address: str, process: int, out: str) -> None:
                 for i in range(729)}
         copies = hosts.replicate(many)
         assert all((np.asarray(copies[f"w{i}"]) == i).all() for i in range(729))
+        with traces() as count:  # the next step's replica: the cached gather, not traced again
+            hosts.replicate(many)
+        assert count == [0], f"replicate traced {count[0]} functions on its second call"
     if process == 0:
         leaves = jax.tree_util.tree_leaves_with_path(params)
         np.savez(out, **{jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves},
