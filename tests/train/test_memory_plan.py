@@ -1,0 +1,116 @@
+"""Memory planning: the real train step compiled ahead of time for TPU topologies (libtpu, no TPU here)."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import stage1, stage2
+from rwr_jax import sharding
+from rwr_jax.train import memory_plan, optimizer as optimizer_lib, trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SEVEN_B = os.path.join(REPO, "tests", "testdata", "qwen2_5_vl_7b_config.json")
+
+
+def _seven_b_checkpoint(tmp_path) -> str:
+    """A checkpoint directory holding only Qwen2.5-VL-7B's config.json (planning reads no weights)."""
+    shutil.copy(SEVEN_B, tmp_path / "config.json")
+    return str(tmp_path)
+
+
+def test_worst_case_batch_of_the_release_configs(tmp_path):
+    """Stage 2 with the 7B: 8 prompts per process x G 8, prompt 8192, completion 3 rounds x 4096 + 2
+    retrieved x 1024 = 14336; one image per prompt (16 over 2 processes, rounded up to 12 batch
+    shards: 24) of max_pixels 262144 / 14^2 = 1337 patches -> bucket 2048. Stage 1: no images."""
+    cfg = stage2.get_config(f"checkpoint={_seven_b_checkpoint(tmp_path)}")
+    model_config, _ = trainer.read_model_config(cfg)
+    assert memory_plan.worst_case_batch(cfg, model_config, num_processes=2, batch_shards=12) == memory_plan.BatchShape(
+        rows=128, prompt_length=8192, completion_length=14336, images=24, patches=2048)
+    cfg = stage1.get_config(f"checkpoint={tmp_path}")
+    model_config, _ = trainer.read_model_config(cfg)
+    assert memory_plan.worst_case_batch(cfg, model_config, num_processes=1, batch_shards=8) == memory_plan.BatchShape(
+        rows=64, prompt_length=cfg.data.max_prompt_length, completion_length=14336)
+
+
+def test_optimizer_moments_are_sharded_like_their_params():
+    """fsdp = 8: each Adam moment has its param's sharding (a replicated one would cost every device
+    the whole state); the frozen vision tower has none; counts are replicated."""
+    cfg = stage2.get_config("demo")
+    model_config, _ = trainer.read_model_config(cfg)
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1}, jax.devices()[:8])
+    params = memory_plan.abstract_params(model_config, mesh, sharding.DEFAULT_RULES)
+    optimizer = optimizer_lib.make_optimizer(trainer.make_optimizer_config(cfg, model_config, 10), params)
+    state = memory_plan.abstract_optimizer_state(optimizer, params, mesh)
+    by_path = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    moments = 0
+    for path, x in jax.tree_util.tree_leaves_with_path(state):
+        key = jax.tree_util.keystr(path)
+        param = next((by_path[k] for k in by_path if key.endswith(k)), None)
+        if param is None:
+            assert x.shape == () and x.sharding.is_fully_replicated, key
+            continue
+        assert "visual" not in key
+        assert x.shape == param.shape and x.sharding == param.sharding, key
+        moments += 1
+    trained = [k for k in by_path if not k.startswith("['visual']")]
+    assert moments == 2 * len(trained)  # mu and nu
+    trained_bytes = memory_plan.bytes_per_device({k: by_path[k] for k in trained})
+    embedding = by_path["['model']['embed_tokens']['embedding']"]
+    assert embedding.sharding.shard_shape(embedding.shape) == (151_680, 8)  # [vocab, embed / 8]
+    assert 2 * trained_bytes <= memory_plan.bytes_per_device(state) <= 2 * trained_bytes + 64
+
+
+def test_plan_of_the_stage2_demo_on_a_tpu_slice():
+    """v5p:2x2x1 (4 chips, 95 GiB each) compiled here through libtpu: XLA's argument bytes are the
+    state's and batch's shards (TPU layouts pad a little), the donated state's outputs reuse its
+    buffers, and the update fits."""
+    plan = memory_plan.plan_train_step(stage2.get_config("demo"), memory_plan.topology_devices("v5p:2x2x1"))
+    print(plan.report())
+    assert plan.devices == "4 x TPU v5" and plan.mesh == {"data": 4, "fsdp": 1, "tensor": 1}
+    assert plan.batch == memory_plan.BatchShape(rows=8, prompt_length=512, completion_length=512, images=4,
+                                                patches=2048)
+    shards = sum(plan.state.values())
+    assert plan.state["optimizer"] == pytest.approx(2 * plan.state["params"], rel=0.01)  # vision tower frozen
+    assert shards <= plan.memory["arguments"] <= 1.01 * shards
+    # The new state is written over the donated one; only the step's metrics (scalars) are new.
+    assert plan.memory["aliased"] > plan.state["params"] + plan.state["optimizer"]
+    assert 0 < plan.memory["outputs"] - plan.memory["aliased"] < 2**16
+    assert plan.memory["temporaries"] > 0
+    assert plan.capacity == 95 * 2**30 and plan.fits
+    assert "fits" in plan.report().splitlines()[-1]
+
+
+def test_plan_command_refuses_an_update_too_large(tmp_path):
+    """32768-token completions of the stage-1 demo on v5e chips (16 GiB): the TPU compiler refuses the
+    program; the command says so with the compiler's numbers and exits 1."""
+    result = subprocess.run(
+        [sys.executable, "launch/plan_memory.py", "--config=configs/stage1.py:demo", "--topology=v5e:2x2",
+         "--config.rollout.max_completion_length=32768"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    lines = result.stdout.strip().splitlines()
+    assert result.returncode == 1 and lines, result.stderr[-3000:]
+    assert lines[0] == "memory plan of one update on 4 x TPU v5 lite, mesh {'data': 4, 'fsdp': 1, 'tensor': 1}"
+    assert lines[1] == "batch: 8 rows of prompt 384 + completion 32768 tokens, 2 micro-batches"
+    assert lines[-1].startswith("DOES NOT FIT: the compiler refused the program: RESOURCE_EXHAUSTED")
+    assert "exceeds available HBM" in lines[-1]
+
+
+def test_plan_on_this_hosts_cpu_devices():
+    """Without a topology the plan is for local devices; CPU reports no capacity."""
+    cfg = stage1.get_config("demo")
+    cfg.data.max_prompt_length, cfg.rollout.max_completion_length = 64, 64
+    plan = memory_plan.plan_train_step(cfg, jax.devices()[:2])
+    assert plan.devices == "2 x cpu" and plan.batch.rows == 8 and plan.error is None
+    assert plan.capacity is None and plan.fits is None
+    assert plan.memory["arguments"] >= sum(plan.state.values())
+    assert plan.report().endswith(f"capacity unknown (code {memory_plan.gib(plan.memory['code'])})")
+    assert np.isclose(plan.state["reference"], plan.state["params"])
+
+
+def test_unknown_topology_is_named():
+    with pytest.raises(ValueError, match="TPU topology 'v9z:1x1'"):
+        memory_plan.topology_devices("v9z:1x1")
