@@ -1,4 +1,5 @@
-r"""Will a config's update fit in device memory? Compiles it ahead of time and reads XLA's memory analysis.
+r"""Will a config's training step fit in device memory? Compiles its update and rollout programs ahead of
+time and reads XLA's memory analysis.
 
     python launch/plan_memory.py --config=configs/stage2.py:checkpoint=/models/Qwen2.5-VL-7B-Instruct \
         --topology=v5p:4x4x4
@@ -6,10 +7,10 @@ r"""Will a config's update fit in device memory? Compiles it ahead of time and r
 
 --topology names a TPU slice (libtpu compiles for it on any host, no TPU needed: `pip install
 -e ".[tpu]"` or ".[dev]"); without it the plan is for this host's devices (e.g. a GPU node).
-Only the checkpoint's config.json is read. The batch is the largest the config allows (every
-length at its limit); override with the usual flags, e.g. --config.data.max_prompt_length=2048
---config.rollout.max_completion_length=4096 --config.train.num_micro_batches=8. Exit status 1
-when the update does not fit. A 7B model takes minutes to compile (6 min for v5p:2x2x2 on 2 cores).
+Only the checkpoint's config.json is read. The sizes are the largest the config allows (every
+length at its limit, rwr_jax/train/memory_plan.py); override them with the usual flags, e.g.
+--config.data.max_prompt_length=2048 --config.rollout.max_completion_length=4096
+--config.train.num_micro_batches=8. Exit status 1 when the step does not fit. A 7B model takes minutes to compile (6 min for v5p:2x2x2 on 2 cores).
 """
 
 import os
@@ -33,7 +34,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     devices = memory_plan.topology_devices(_TOPOLOGY.value) if _TOPOLOGY.value else jax.devices()
-    plan = memory_plan.plan_train_step(_CONFIG.value, devices)
+    plan = memory_plan.plan_memory(_CONFIG.value, devices)
     print(plan.report())
     return 1 if plan.fits is False else 0
 

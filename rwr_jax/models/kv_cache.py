@@ -10,12 +10,14 @@ them, so a row's positions stay contiguous across padded slots.
 
 import functools
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-# Logical axis names of each layer's keys / values, for the sharding rules.
+# Logical axis names of each layer's keys / values and of the key mask, for the sharding rules.
 CACHE_AXES = ("activation_batch", "activation_kv_heads", "activation_length", "activation_head_dim")
+KEY_MASK_AXES = ("activation_batch", "activation_length")
 
 
 @flax.struct.dataclass(kw_only=True)
@@ -59,7 +61,15 @@ class KVCache:
         completions continuing one prompt. Differentiable; the gradient sums over the copies."""
         repeat = functools.partial(jnp.repeat, repeats=repeats, axis=0)
         return self.replace(keys=tuple(map(repeat, self.keys)), values=tuple(map(repeat, self.values)),
-                            key_mask=repeat(self.key_mask))
+                            key_mask=repeat(self.key_mask)).constrained()
+
+    def constrained(self) -> "KVCache":
+        """The cache laid out as the sharding rules say (`CACHE_AXES`; rows over the batch axes).
+        Without it XLA may keep a whole copy on every device (it did, for a prefill's output)."""
+        def layout(x):
+            return nn.with_logical_constraint(x, CACHE_AXES)
+        return self.replace(keys=tuple(map(layout, self.keys)), values=tuple(map(layout, self.values)),
+                            key_mask=nn.with_logical_constraint(self.key_mask, KEY_MASK_AXES))
 
     def write_mask(self, token_mask: jax.Array) -> jax.Array:
         """key_mask after writing a chunk whose valid tokens are `token_mask` [B, T]."""

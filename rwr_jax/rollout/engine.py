@@ -126,7 +126,7 @@ def extend(model, params, state: sampler.DecodeState, chunk: jax.Array, chunk_ma
         active=extended,
         round_tokens=jnp.zeros_like(state.round_tokens),
         stop_reason=jnp.where(extended, sampler.RUNNING, state.stop_reason),
-        stop_tail=jnp.where(extended[:, None], jnp.zeros_like(state.stop_tail), state.stop_tail))
+        stop_tail=jnp.where(extended[:, None], jnp.zeros_like(state.stop_tail), state.stop_tail)).constrained()
 
 
 @functools.partial(jax.jit, static_argnames=("model", "group_size", "cache_length"))
@@ -226,6 +226,14 @@ def retrieved_block_ids(tokenizer, passages: list[list[Passage]],
     return blocks, kept
 
 
+def cache_sizes(config: RolloutConfig, prompt_length: int, max_retrieved_tokens: int) -> tuple[int, int]:
+    """(K, cache length) of a rollout: K = the width of an `extend` chunk (a pending token and
+    a retrieved block, rounded up to `extend_bucket`); the cache holds the prompt, every
+    round's budget and a chunk between rounds."""
+    chunk = -(-(max_retrieved_tokens + 1) // config.extend_bucket) * config.extend_bucket
+    return chunk, prompt_length + config.max_rounds * config.max_new_tokens_per_round + (config.max_rounds - 1) * chunk
+
+
 def rollout(model, params, prompts: PromptBatch, tokenizer, retrieve: Retrieve, config: RolloutConfig,
             key: jax.Array, *, stop_tables: stop_strings.StopTables, eos_ids: tuple[int, ...],
             max_retrieved_tokens: int = 1024) -> Trajectory:
@@ -252,9 +260,7 @@ def rollout(model, params, prompts: PromptBatch, tokenizer, retrieve: Retrieve, 
     if max_retrieved_tokens < smallest:  # (one round: no block, the tokenizer is never used)
         raise ValueError(f"max_retrieved_tokens must be >= {smallest} (the block {format_retrieved([])!r}), "
                          f"got {max_retrieved_tokens}")
-    chunk = -(-(max_retrieved_tokens + 1) // config.extend_bucket) * config.extend_bucket
-    cache_length = (prompt_length + config.max_rounds * config.max_new_tokens_per_round
-                    + (config.max_rounds - 1) * chunk)
+    chunk, cache_length = cache_sizes(config, prompt_length, max_retrieved_tokens)
     cache, logits = prefill_group(model, params, jnp.asarray(prompts.tokens), jnp.asarray(prompts.token_mask, bool),
                                   jnp.asarray(prompts.positions), prompts.images, group_size=g,
                                   cache_length=cache_length)

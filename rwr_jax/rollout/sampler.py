@@ -10,6 +10,7 @@ all shapes are static.
 import dataclasses
 import functools
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -166,7 +167,18 @@ class DecodeState:
             source=jnp.zeros((batch, capacity), jnp.int8), logprobs=jnp.zeros((batch, capacity), jnp.float32),
             length=jnp.zeros((batch,), jnp.int32), next_position=jnp.asarray(next_position, jnp.int32),
             active=jnp.ones((batch,), bool), round_tokens=jnp.zeros((batch,), jnp.int32),
-            stop_reason=jnp.zeros((batch,), jnp.int32), stop_tail=stop_strings.initial_tail(batch, tables), key=key)
+            stop_reason=jnp.zeros((batch,), jnp.int32), stop_tail=stop_strings.initial_tail(batch, tables),
+            key=key).constrained()
+
+    def constrained(self) -> "DecodeState":
+        """Rows over the batch axes, as the sharding rules say (no-op without rules): the
+        decode loop's inputs and outputs keep one layout, so it compiles once and reuses
+        its donated buffers."""
+        rows = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
+                if field.name not in ("cache", "key")}
+        rows = {name: nn.with_logical_constraint(x, ("activation_batch",) + (None,) * (x.ndim - 1))
+                for name, x in rows.items()}
+        return self.replace(cache=self.cache.constrained(), **rows)
 
 
 def _positions_for(model, next_position: jax.Array) -> jax.Array:
@@ -242,7 +254,7 @@ def _decode_round(model, params, state: DecodeState, tables: stop_strings.StopTa
     _, state = jax.lax.while_loop(keep_going, body, (jnp.zeros((), jnp.int32), state.replace(key=key)))
     # Rows still active here ran out of cache: a total-budget stop.
     return state.replace(stop_reason=jnp.where(state.active, STOP_TOTAL_BUDGET, state.stop_reason),
-                         active=jnp.zeros_like(state.active))
+                         active=jnp.zeros_like(state.active)).constrained()
 
 
 # XLA:CPU runs dots either as YNNPACK kernels (its default) or as Eigen matmuls. A decode

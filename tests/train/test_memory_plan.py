@@ -67,47 +67,58 @@ def test_optimizer_moments_are_sharded_like_their_params():
 
 def test_plan_of_the_stage2_demo_on_a_tpu_slice():
     """v5p:2x2x1 (4 chips, 95 GiB each) compiled here through libtpu: XLA's argument bytes are the
-    state's and batch's shards (TPU layouts pad a little), the donated state's outputs reuse its
-    buffers, and the update fits."""
-    plan = memory_plan.plan_train_step(stage2.get_config("demo"), memory_plan.topology_devices("v5p:2x2x1"))
+    state's and batch's shards (TPU layouts pad a little); the donated train state and decode state
+    are written over in place; every program fits."""
+    plan = memory_plan.plan_memory(stage2.get_config("demo"), memory_plan.topology_devices("v5p:2x2x1"))
     print(plan.report())
-    assert plan.devices == "4 x TPU v5" and plan.mesh == {"data": 4, "fsdp": 1, "tensor": 1}
+    assert plan.devices == "4 x TPU v5" and plan.num_processes == 1
+    assert plan.mesh == plan.rollout_mesh == {"data": 4, "fsdp": 1, "tensor": 1}
     assert plan.batch == memory_plan.BatchShape(rows=8, prompt_length=512, completion_length=512, images=4,
                                                 patches=2048)
-    shards = sum(plan.state.values())
     assert plan.state["optimizer"] == pytest.approx(2 * plan.state["params"], rel=0.01)  # vision tower frozen
-    assert shards <= plan.memory["arguments"] <= 1.01 * shards
-    # The new state is written over the donated one; only the step's metrics (scalars) are new.
-    assert plan.memory["aliased"] > plan.state["params"] + plan.state["optimizer"]
-    assert 0 < plan.memory["outputs"] - plan.memory["aliased"] < 2**16
-    assert plan.memory["temporaries"] > 0
+    update, decode = plan.programs["update"], plan.programs["decode"]
+    shards = sum(plan.state.values())
+    assert shards <= update.arguments <= 1.01 * shards
+    # The new train state is written over the donated one; only the step's metrics (scalars) are new.
+    assert update.aliased > plan.state["params"] + plan.state["optimizer"]
+    assert 0 < update.outputs - update.aliased < 2**16
+    # The decode loop writes its state over its input (one layout in and out), its KV cache sharded:
+    # 2 layers x (keys, values) x 8 rows / 4 chips x 2 KV heads x 1040 slots x head_dim 16 x 4 bytes.
+    cache_bytes = 2 * 2 * 8 // 4 * 2 * 1040 * 16 * 4
+    assert cache_bytes < decode.aliased and decode.outputs - decode.aliased < 2**10
+    # Demo rollout: 2 prompts x G 4 rows; 512 prompt + 3 rounds x 48 + 2 chunks of 192 slots.
+    assert plan.rollout_rows == 8 and plan.cache_length == 512 + 3 * 48 + 2 * 192
+    assert plan.resident == plan.state["optimizer"] + plan.state["reference"]
+    assert plan.rollout_peak == plan.resident + max(p.peak for n, p in plan.programs.items() if n != "update")
     assert plan.capacity == 95 * 2**30 and plan.fits
-    assert "fits" in plan.report().splitlines()[-1]
+    assert plan.report().splitlines()[-1].startswith("fits: peak per device update ")
 
 
 def test_plan_command_refuses_an_update_too_large(tmp_path):
     """32768-token completions of the stage-1 demo on v5e chips (16 GiB): the TPU compiler refuses the
-    program; the command says so with the compiler's numbers and exits 1."""
+    update; the command says so with the compiler's numbers and exits 1."""
     result = subprocess.run(
         [sys.executable, "launch/plan_memory.py", "--config=configs/stage1.py:demo", "--topology=v5e:2x2",
          "--config.rollout.max_completion_length=32768"], cwd=REPO, capture_output=True, text=True, timeout=600)
     lines = result.stdout.strip().splitlines()
     assert result.returncode == 1 and lines, result.stderr[-3000:]
-    assert lines[0] == "memory plan of one update on 4 x TPU v5 lite, mesh {'data': 4, 'fsdp': 1, 'tensor': 1}"
-    assert lines[1] == "batch: 8 rows of prompt 384 + completion 32768 tokens, 2 micro-batches"
-    assert lines[-1].startswith("DOES NOT FIT: the compiler refused the program: RESOURCE_EXHAUSTED")
-    assert "exceeds available HBM" in lines[-1]
+    assert lines[0] == "memory plan of a training step on 4 x TPU v5 lite (1 process), 16.00 GiB per device"
+    assert lines[1] == ("update: mesh {'data': 4, 'fsdp': 1, 'tensor': 1}; 8 rows of prompt 384 + completion "
+                        "32768 tokens, 2 micro-batches")
+    assert lines[3].startswith("  update: REFUSED by the compiler: RESOURCE_EXHAUSTED")
+    assert "exceeds available HBM" in lines[3]
+    assert lines[-1].startswith("DOES NOT FIT: peak per device update refused, rollout ")
 
 
 def test_plan_on_this_hosts_cpu_devices():
     """Without a topology the plan is for local devices; CPU reports no capacity."""
     cfg = stage1.get_config("demo")
     cfg.data.max_prompt_length, cfg.rollout.max_completion_length = 64, 64
-    plan = memory_plan.plan_train_step(cfg, jax.devices()[:2])
-    assert plan.devices == "2 x cpu" and plan.batch.rows == 8 and plan.error is None
+    plan = memory_plan.plan_memory(cfg, jax.devices()[:2])
+    assert plan.devices == "2 x cpu" and plan.batch.rows == 8 and not plan.refused
     assert plan.capacity is None and plan.fits is None
-    assert plan.memory["arguments"] >= sum(plan.state.values())
-    assert plan.report().endswith(f"capacity unknown (code {memory_plan.gib(plan.memory['code'])})")
+    assert plan.programs["update"].arguments >= sum(plan.state.values())
+    assert plan.report().splitlines()[-1].startswith("capacity unknown: peak per device update ")
     assert np.isclose(plan.state["reference"], plan.state["params"])
 
 

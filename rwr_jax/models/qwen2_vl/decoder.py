@@ -227,7 +227,8 @@ class DecoderLM(nn.Module):
             mask = cache.attention_mask(key_mask, token_mask.shape[1])
         hidden, new_cache = self.model(embeds, positions, mask, cache, pack_index)
         if cache is not None:
-            new_cache = new_cache.replace(key_mask=key_mask, end_index=cache.end_index + token_mask.shape[1])
+            new_cache = new_cache.replace(key_mask=key_mask,
+                                          end_index=cache.end_index + token_mask.shape[1]).constrained()
         if return_hidden:
             return hidden, new_cache
         return self.logits(hidden), new_cache
