@@ -10,7 +10,8 @@ time and reads XLA's memory analysis.
 Only the checkpoint's config.json is read. The sizes are the largest the config allows (every
 length at its limit, rwr_jax/train/memory_plan.py); override them with the usual flags, e.g.
 --config.data.max_prompt_length=2048 --config.rollout.max_completion_length=4096
---config.train.num_micro_batches=8. Exit status 1 when the step does not fit. A 7B model takes minutes to compile (6 min for v5p:2x2x2 on 2 cores).
+--config.train.num_micro_batches=8. Exit status 1 when the step does not fit. A 7B model takes
+minutes to compile (6 min for the update on v5p:2x2x2 with 2 cores).
 """
 
 import os

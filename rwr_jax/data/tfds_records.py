@@ -134,7 +134,8 @@ class TfdsSource:
             id=text["id"], question=text["question"], answer=text["answer"],
             images=tuple(_text(name) for name in row["image_names"]), image_bytes=tuple(row["image_bytes"]),
             options=json.loads(text["options"]) if text["options"] else None,
-            difficulty=float(text["difficulty"]) if text["difficulty"] else None, answer_letter=text["answer_letter"] or None,
+            difficulty=float(text["difficulty"]) if text["difficulty"] else None,
+            answer_letter=text["answer_letter"] or None,
             answer_text=text["answer_text"], location=text["location"])
 
     def __repr__(self) -> str:
