@@ -26,7 +26,7 @@ from rwr_jax.rl import logprobs
 
 
 def fused_head_loss(model: nn.Module, params, hidden: jax.Array, targets: jax.Array, mask: jax.Array, loss_fn, *,
-                    num_tokens: int, chunk_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+                    num_tokens: int, chunk_size: int, groups: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
     """loss_fn(log p(targets)) with its gradient formed in the forward pass, on `mask` only.
 
     Args:
@@ -39,10 +39,12 @@ def fused_head_loss(model: nn.Module, params, hidden: jax.Array, targets: jax.Ar
         of per-position terms, the term at a position a function of its log-prob only
         (e.g. `losses.policy_loss(...).numerator`). Not checked: another loss gets
         a wrong gradient.
-      num_tokens: N >= mask.sum(), static (`packing.token_bucket`). If a batch has more
-        True positions, the loss, log-probs and gradients are NaN.
-      chunk_size: positions per LM-head chunk (the [chunk, V] logits are the largest
-        array formed).
+      num_tokens: N >= the True positions of each group of rows, static
+        (`packing.token_bucket`). If a group has more, the loss, log-probs and gradients
+        are NaN.
+      chunk_size: positions per LM-head chunk and group (the [groups, chunk, V] logits
+        are the largest array formed).
+      groups: G, row groups packed separately (`models.packing`; the batch shards).
 
     Returns:
       (loss [] float32, differentiable with respect to params and hidden;
@@ -50,41 +52,50 @@ def fused_head_loss(model: nn.Module, params, hidden: jax.Array, targets: jax.Ar
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    batch, length, width = hidden.shape
+    batch, length, _ = hidden.shape
     if targets.shape != (batch, length) or mask.shape != (batch, length):
         raise ValueError(f"targets and mask must be [B, T] = {(batch, length)}, got {targets.shape} and {mask.shape}")
-    index = packing.pack_index(mask, num_tokens)
+    if groups < 1 or batch % groups:
+        raise ValueError(f"groups must divide the batch's {batch} rows, got {groups}")
+    index = packing.pack_index(mask, num_tokens, groups)
     kernel = model.apply({"params": params}, method=type(model).head_kernel)
-    packed = packing.pack(hidden, index)[0]
+    packed = packing.pack(hidden, index)  # [G, N, D]
     chunk = min(chunk_size, num_tokens)
     num_chunks = -(-num_tokens // chunk)
-    pad = num_chunks * chunk - num_tokens
-    chunks = (jnp.pad(jax.lax.stop_gradient(packed), ((0, pad), (0, 0))).reshape(num_chunks, chunk, width),
-              jnp.pad(packing.pack(targets, index)[0], (0, pad)).reshape(num_chunks, chunk),
-              jnp.pad(index, (0, pad), constant_values=batch * length).reshape(num_chunks, chunk))
+
+    def chunked(x, fill=0):  # [G, N, ...] -> [num_chunks, G, chunk, ...]
+        x = jnp.pad(x, ((0, 0), (0, num_chunks * chunk - num_tokens)) + ((0, 0),) * (x.ndim - 2),
+                    constant_values=fill)
+        return jnp.moveaxis(x.reshape(groups, num_chunks, chunk, *x.shape[2:]), 1, 0)
+
+    def unchunked(x):  # [num_chunks, G, chunk, ...] -> [G, N, ...]
+        return jnp.moveaxis(x, 0, 1).reshape(groups, num_chunks * chunk, *x.shape[3:])[:, :num_tokens]
+
+    chunks = (chunked(jax.lax.stop_gradient(packed)), chunked(packing.pack(targets, index)),
+              chunked(packing.flat_positions(index, batch, length), fill=batch * length))
     weight = jax.lax.stop_gradient(kernel)
 
     def loss_derivative(logp: jax.Array, slots: jax.Array) -> jax.Array:
-        """[c] d loss / d logp at flat positions `slots` (the loss is separable: other positions' values do
+        """d loss / d logp at flat positions `slots` (the loss is separable: other positions' values do
         not matter, so they are 0); 0 at empty slots."""
         full = jnp.zeros(batch * length, jnp.float32).at[slots].set(logp, mode="drop").reshape(batch, length)
         return jax.grad(loss_fn)(full).reshape(-1).at[slots].get(mode="fill", fill_value=0.0)
 
     def one_chunk(kernel_grad, xs):
-        h, t, slots = xs
+        h, t, slots = xs  # [G, c, D], [G, c], [G, c]
         logits, head_vjp = jax.vjp(jnp.dot, h.astype(weight.dtype), weight)
         logp, entropy, probs = logprobs.softmax_stats(logits, t)
         g = loss_derivative(logp, slots)
-        dlogits = (-g[:, None] * probs).at[jnp.arange(chunk), jnp.clip(t, 0, probs.shape[-1] - 1)].add(g)
+        one_hot = (jnp.arange(groups)[:, None], jnp.arange(chunk)[None, :], jnp.clip(t, 0, probs.shape[-1] - 1))
+        dlogits = (-g[..., None] * probs).at[one_hot].add(g)
         h_grad, w_grad = head_vjp(dlogits.astype(weight.dtype))
         return kernel_grad + w_grad.astype(jnp.float32), (logp, entropy, h_grad)
 
     kernel_grad, (logp, entropy, hidden_grad) = jax.lax.scan(
         one_chunk, jnp.zeros(kernel.shape, jnp.float32), chunks)
-    poison = jnp.where(jnp.sum(mask) > num_tokens, jnp.nan, 1.0)  # a too-small N never trains silently
-    logp, entropy = (packing.unpack(x.reshape(1, -1)[:, :num_tokens], index, batch, length) * poison
-                     for x in (logp, entropy))
-    hidden_grad = hidden_grad.reshape(-1, width)[:num_tokens]
+    poison = jnp.where(packing.overflows(mask, num_tokens, groups), jnp.nan, 1.0)  # a too-small N never trains
+    logp, entropy = (packing.unpack(unchunked(x), index, batch, length) * poison for x in (logp, entropy))
+    hidden_grad = unchunked(hidden_grad)
     # Value 0, gradient (hidden_grad, kernel_grad): the precomputed gradients, attached.
     attached = (jnp.sum(jax.lax.stop_gradient(hidden_grad).astype(jnp.float32) * packed.astype(jnp.float32))
                 + jnp.sum(jax.lax.stop_gradient(kernel_grad) * kernel.astype(jnp.float32)))

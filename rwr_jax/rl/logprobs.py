@@ -90,10 +90,10 @@ def chunked_logprobs(model: nn.Module, params, hidden: jax.Array, targets: jax.A
 
 
 def masked_logprobs(model: nn.Module, params, hidden: jax.Array, targets: jax.Array, mask: jax.Array, *,
-                    num_tokens: int, chunk_size: int, return_entropy: bool = False):
+                    num_tokens: int, chunk_size: int, return_entropy: bool = False, groups: int = 1):
     """log p(targets) where `mask` is True, the LM head run on those positions only.
 
-    The True positions are packed into one sequence (`models.packing`), scored by
+    The True positions are packed into dense rows (`models.packing`), scored by
     `chunked_logprobs` and scattered back, so padding and environment tokens
     (retrieved passages) cost no LM-head work. `num_tokens` is static: pass a bucketed
     count (`packing.token_bucket`) so batches of similar size share one compilation.
@@ -103,18 +103,20 @@ def masked_logprobs(model: nn.Module, params, hidden: jax.Array, targets: jax.Ar
       hidden: [B, T, D] final hidden states.
       targets: [B, T] int32.
       mask: [B, T] bool, the positions to score.
-      num_tokens: N >= mask.sum(), static. If a batch has more True positions, the
-        result and its gradients are NaN (a too-small bucket must never train silently).
+      num_tokens: N >= the True positions of each group of rows, static. If a group has
+        more, the result and its gradients are NaN (a too-small bucket must never train
+        silently).
       chunk_size: positions per LM-head chunk.
       return_entropy: also return entropies.
+      groups: G, row groups packed separately (`models.packing`; the batch shards).
 
     Returns:
       [B, T] float32 log-probabilities (and entropies), 0 where mask is False.
     """
-    index = packing.pack_index(mask, num_tokens)
+    index = packing.pack_index(mask, num_tokens, groups)
     stats = chunked_logprobs(model, params, packing.pack(hidden, index), packing.pack(targets, index),
                              chunk_size=chunk_size, return_entropy=return_entropy)
-    poison = jnp.where(jnp.sum(mask) > num_tokens, jnp.nan, 1.0)  # NaN values and gradients on overflow
+    poison = jnp.where(packing.overflows(mask, num_tokens, groups), jnp.nan, 1.0)  # NaN values, gradients
     stats = tuple(packing.unpack(x, index, *mask.shape) * poison for x in (stats if return_entropy else (stats,)))
     return stats if return_entropy else stats[0]
 

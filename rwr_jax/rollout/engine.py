@@ -268,7 +268,7 @@ def rollout(model, params, prompts: PromptBatch, tokenizer, retrieve: Retrieve, 
     next_position = np.repeat(np.where(prompts.token_mask, text_positions, -1).max(axis=1) + 1, g)
     batch = num_prompts * g
     tables = jax.tree_util.tree_map(jnp.asarray, stop_tables)
-    state = sampler.DecodeState.start(cache, logits, next_position, capacity, tables, key)
+    state = sampler.start_decoding(cache, logits, next_position, tables, key, capacity=capacity)
     finish = np.zeros((batch,), np.int32)
     rounds = np.zeros((batch,), np.int32)
     queries: list[list[str]] = [[] for _ in range(batch)]

@@ -167,8 +167,7 @@ class DecodeState:
             source=jnp.zeros((batch, capacity), jnp.int8), logprobs=jnp.zeros((batch, capacity), jnp.float32),
             length=jnp.zeros((batch,), jnp.int32), next_position=jnp.asarray(next_position, jnp.int32),
             active=jnp.ones((batch,), bool), round_tokens=jnp.zeros((batch,), jnp.int32),
-            stop_reason=jnp.zeros((batch,), jnp.int32), stop_tail=stop_strings.initial_tail(batch, tables),
-            key=key).constrained()
+            stop_reason=jnp.zeros((batch,), jnp.int32), stop_tail=stop_strings.initial_tail(batch, tables), key=key)
 
     def constrained(self) -> "DecodeState":
         """Rows over the batch axes, as the sharding rules say (no-op without rules): the
@@ -179,6 +178,14 @@ class DecodeState:
         rows = {name: nn.with_logical_constraint(x, ("activation_batch",) + (None,) * (x.ndim - 1))
                 for name, x in rows.items()}
         return self.replace(cache=self.cache.constrained(), **rows)
+
+
+@functools.partial(jax.jit, static_argnames=("capacity",))
+def start_decoding(cache: KVCache, logits: jax.Array, next_position, tables: stop_strings.StopTables,
+                   key: jax.Array, *, capacity: int) -> DecodeState:
+    """`DecodeState.start`, laid out as the sharding rules say (`DecodeState.constrained`), so
+    the decode loop's first call sees the layout of its later ones."""
+    return DecodeState.start(cache, logits, next_position, capacity, tables, key).constrained()
 
 
 def _positions_for(model, next_position: jax.Array) -> jax.Array:

@@ -26,6 +26,7 @@ Not counted: the retriever's text encoder and the visual reward's CLIP.
 """
 
 import dataclasses
+import functools
 import math
 import os
 from typing import Any, Sequence
@@ -43,7 +44,7 @@ from rwr_jax.models.qwen2_vl import convert, vision
 from rwr_jax.models.qwen2_vl.model import VLConfig
 from rwr_jax.rollout import engine, sampler, stop_strings
 from rwr_jax.train import optimizer as optimizer_lib, trainer
-from rwr_jax.train.step import TrainBatch, TrainState, shared_prompt_group, train_step
+from rwr_jax.train.step import TrainBatch, TrainState, row_groups, shared_prompt_group, train_step
 
 GiB = 2**30
 # HBM per chip by `device_kind` (abstract topology devices report no memory_stats).
@@ -313,11 +314,12 @@ def _plan_rollout(cfg, model, model_config, mesh: jax.sharding.Mesh, params: dic
     cache, logits = _with_shardings(jax.eval_shape(engine.prefill_group, *prefill_args,
                                                    group_size=rollout_config.group_size, cache_length=cache_length),
                                     compiled["prefill"].output_shardings)
-    # The decode state as `DecodeState.start` lays it out (its rows over the batch axes).
-    start = jax.jit(sampler.DecodeState.start, static_argnums=3)
-    start_args = (cache, logits, _abstract((rows,), jnp.int32, replicated), rollout_config.max_completion_length,
-                  tables, jax.eval_shape(lambda: jax.random.key(0)))
-    state = _with_shardings(jax.eval_shape(start, *start_args), start.lower(*start_args).compile().output_shardings)
+    # The decode state as `sampler.start_decoding` lays it out (its rows over the batch axes).
+    start_args = (cache, logits, _abstract((rows,), jnp.int32, replicated), tables,
+                  jax.eval_shape(lambda: jax.random.key(0)))
+    capacity = rollout_config.max_completion_length
+    state = _with_shardings(jax.eval_shape(functools.partial(sampler.start_decoding, capacity=capacity), *start_args),
+                            sampler.start_decoding.lower(*start_args, capacity=capacity).compile().output_shardings)
     decode = sampler._DECODE_ROUND[sampler.decode_with_eigen_dots(text)]  # pylint: disable=protected-access
     _, programs["decode"] = _compile("the rollout's decode loop", decode.lower(
         model, params, state, tables, sampling=rollout_config.sampling, eos_ids=tokenizer_lib.EOS_IDS,
@@ -359,7 +361,8 @@ def plan_memory(cfg, devices: Sequence[Any], batch: BatchShape | None = None) ->
     state = TrainState(step=_abstract((), jnp.int32, _replicated(mesh)), params=params,
                        opt_state=abstract_optimizer_state(optimizer, params, mesh))
     train_batch = abstract_batch(batch, model_config, mesh)
-    tokens = batch.rows // m * batch.completion_length  # every completion token real and scored
+    groups = row_groups(mesh, batch.rows, m)
+    tokens = batch.rows // (m * groups) * batch.completion_length  # every completion token real and scored
     sizes = {"params": bytes_per_device(params), "optimizer": bytes_per_device(state.opt_state),
              "reference": bytes_per_device(params), "batch": bytes_per_device(train_batch)}
     with jax.set_mesh(mesh), sharding.axis_rules(rules):
@@ -367,7 +370,7 @@ def plan_memory(cfg, devices: Sequence[Any], batch: BatchShape | None = None) ->
             model, optimizer, state, train_batch, params, loss_config=trainer.make_loss_config(cfg),
             num_micro_batches=m, chunk_size=cfg.train.logprob_chunk, prompt_length=batch.prompt_length,
             prompt_group=shared_prompt_group(cfg.rollout.group_size, batch.rows, m), loss_tokens=tokens,
-            completion_tokens=tokens))
+            completion_tokens=tokens, row_groups=groups))
     multi = len(processes) > 1  # the rollout's params: the host's replica, the sharded ones stay
     with jax.set_mesh(local_mesh), sharding.axis_rules(rules):
         policy = abstract_params(model_config, local_mesh, rules) if multi else params

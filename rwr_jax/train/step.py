@@ -84,11 +84,12 @@ def _embeds(model, params, tokens, feature_index, features):
     return jnp.where((feature_index >= 0)[..., None], picked, embeds)
 
 
-def _completion_hidden(model, params, micro, features, prompt_length, prompt_group, completion_tokens):
+def _completion_hidden(model, params, micro, features, prompt_length, prompt_group, completion_tokens, row_groups):
     """[B, C, D] final hidden states predicting the completion tokens of a micro-batch.
 
-    With completion_tokens = M, the completions' projections and MLPs run on their M >=
-    real tokens only (padding-free, `models.packing`).
+    With completion_tokens = M, the completions' projections and MLPs run on their real
+    tokens only (padding-free, `models.packing`: M >= the real tokens of each of the
+    `row_groups` groups of rows).
 
     With prompt_group = g > 1, rows b * g ... b * g + g - 1 share one prompt: it runs
     once (a prefill into a KV cache), the cache is repeated for its g completions, and
@@ -112,32 +113,34 @@ def _completion_hidden(model, params, micro, features, prompt_length, prompt_gro
         {"params": params}, prompt, prompt_rows(positions, positions.ndim - 2), prompt_rows(mask), cache,
         embeds=_embeds(model, params, prompt, prompt_rows(index), features), return_hidden=True)
     completion_mask = mask[:, prompt_length:]
-    pack_index = None if completion_tokens is None else packing.pack_index(completion_mask, completion_tokens)
+    pack_index = None if completion_tokens is None else packing.pack_index(completion_mask, completion_tokens,
+                                                                           row_groups)
     hidden, _ = model.apply(
         {"params": params}, completion, positions[..., prompt_length:], completion_mask,
         cache.repeat_rows(prompt_group), embeds=_embeds(model, params, completion, index[:, prompt_length:],
                                                         features), return_hidden=True, pack_index=pack_index)
     if completion_tokens is not None:  # NaN values and gradients if some real token did not fit
-        hidden = hidden * jnp.where(jnp.sum(completion_mask) > completion_tokens, jnp.nan, 1.0)
+        hidden = hidden * jnp.where(packing.overflows(completion_mask, completion_tokens, row_groups), jnp.nan, 1.0)
     # Completion token t is predicted at position P + t - 1: the prompt's last one for t = 0.
     last = jnp.repeat(prompt_hidden[:, -1:], prompt_group, axis=0)
     return jnp.concatenate([last, hidden[:, :-1]], axis=1)
 
 
 def _completion_logprobs(model, params, micro, features, prompt_length, chunk_size, prompt_group, loss_tokens,
-                         completion_tokens, entropy=False):
+                         completion_tokens, row_groups, entropy=False):
     """[B, C] log-probs (and entropies) of the completion tokens of a micro-batch.
 
     With loss_tokens = N, the LM head runs on the loss tokens only (N >= their count,
     see `packed_sizes`); other positions hold 0. Other arguments: `_completion_hidden`.
     """
-    hidden = _completion_hidden(model, params, micro, features, prompt_length, prompt_group, completion_tokens)
+    hidden = _completion_hidden(model, params, micro, features, prompt_length, prompt_group, completion_tokens,
+                                row_groups)
     completion = micro["tokens"][:, prompt_length:]
     if loss_tokens is None:
         return logprobs_lib.chunked_logprobs(model, params, hidden, completion, chunk_size=chunk_size,
                                              return_entropy=entropy)
     return logprobs_lib.masked_logprobs(model, params, hidden, completion, micro["loss_mask"], num_tokens=loss_tokens,
-                                        chunk_size=chunk_size, return_entropy=entropy)
+                                        chunk_size=chunk_size, return_entropy=entropy, groups=row_groups)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -155,12 +158,12 @@ def _image_features(model, params, images):
 
 @functools.partial(jax.jit, static_argnames=("model", "optimizer", "loss_config", "num_micro_batches",
                                              "chunk_size", "prompt_length", "prompt_group", "loss_tokens",
-                                             "completion_tokens"),
+                                             "completion_tokens", "row_groups"),
                    donate_argnames=("state",))
 def train_step(model, optimizer: optax.GradientTransformation, state: TrainState, batch: TrainBatch, ref_params,
                *, loss_config: losses.LossConfig, num_micro_batches: int, chunk_size: int, prompt_length: int,
-               prompt_group: int = 1, loss_tokens: int | None = None,
-               completion_tokens: int | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+               prompt_group: int = 1, loss_tokens: int | None = None, completion_tokens: int | None = None,
+               row_groups: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser step on a batch of trajectories.
 
     Args:
@@ -176,21 +179,25 @@ def train_step(model, optimizer: optax.GradientTransformation, state: TrainState
       prompt_group: g, consecutive rows of every micro-batch that share one prompt
         (tokens, mask, positions, images: G completions of a prompt, see
         `shared_prompt_group`); each prompt then runs once, not g times. 1 = no sharing.
-      loss_tokens: N >= the loss tokens of every micro-batch (`packed_sizes`): the
-        LM head runs on those only, not on padding or retrieved text, its backward
-        pass fused into its forward pass (`rl.head_loss`). None = on every
-        completion position. A too-small N makes the update non-finite (skipped).
-      completion_tokens: M >= the real completion tokens of every micro-batch
-        (`packed_sizes`): the completions' position-wise work runs on those only (the
-        prompts then run as a prefill even with prompt_group 1). None = padded.
-        A too-small M makes the update non-finite (skipped).
+      loss_tokens: N >= the loss tokens of every row group of every micro-batch
+        (`packed_sizes`): the LM head runs on those only, not on padding or retrieved
+        text, its backward pass fused into its forward pass (`rl.head_loss`). None = on
+        every completion position. A too-small N makes the update non-finite (skipped).
+      completion_tokens: M >= the real completion tokens of every row group of every
+        micro-batch (`packed_sizes`): the completions' position-wise work runs on those
+        only (the prompts then run as a prefill even with prompt_group 1). None =
+        padded. A too-small M makes the update non-finite (skipped).
+      row_groups: G, groups of consecutive rows of a micro-batch whose tokens are packed
+        separately (`models.packing`): the batch shards of the mesh (`row_groups`), so
+        that each device packs and computes its own rows.
 
     Returns:
       (new state, metrics of this step as scalars).
     """
     rows_per_micro = batch.tokens.shape[0] // num_micro_batches
-    if prompt_group < 1 or rows_per_micro % prompt_group:
-        raise ValueError(f"prompt_group must divide the {rows_per_micro} rows of a micro-batch, got {prompt_group}")
+    for name, value in (("prompt_group", prompt_group), ("row_groups", row_groups)):
+        if value < 1 or rows_per_micro % value:
+            raise ValueError(f"{name} must divide the {rows_per_micro} rows of a micro-batch, got {value}")
     features = _image_features(model, state.params, batch.images)
     rows = {"tokens": batch.tokens, "token_mask": batch.token_mask, "positions": batch.positions,
             "loss_mask": batch.loss_mask, "advantages": batch.advantages, "sampler": batch.sampler_logprobs,
@@ -204,21 +211,22 @@ def train_step(model, optimizer: optax.GradientTransformation, state: TrainState
         if loss_config.beta > 0:
             ref = jax.lax.stop_gradient(_completion_logprobs(model, ref_params, micro, ref_features, prompt_length,
                                                              chunk_size, prompt_group, loss_tokens,
-                                                             completion_tokens))
+                                                             completion_tokens, row_groups))
 
         def policy_loss(logp):
             return losses.policy_loss(logp, micro["loss_mask"], micro["advantages"], loss_config, ref_logprobs=ref)
 
         if loss_tokens is None:
             logp, entropy = _completion_logprobs(model, params, micro, features, prompt_length, chunk_size,
-                                                  prompt_group, None, completion_tokens, entropy=True)
+                                                  prompt_group, None, completion_tokens, row_groups, entropy=True)
             terms = policy_loss(logp)
         else:  # the LM head's backward pass fused into its forward pass (rl/head_loss.py)
             hidden = _completion_hidden(model, params, micro, features, prompt_length, prompt_group,
-                                        completion_tokens)
+                                        completion_tokens, row_groups)
             numerator, logp, entropy = head_loss.fused_head_loss(
                 model, params, hidden, micro["tokens"][:, prompt_length:], micro["loss_mask"],
-                lambda x: policy_loss(x).numerator, num_tokens=loss_tokens, chunk_size=chunk_size)
+                lambda x: policy_loss(x).numerator, num_tokens=loss_tokens, chunk_size=chunk_size,
+                groups=row_groups)
             terms = policy_loss(logp)._replace(numerator=numerator)
         metrics = losses.loss_diagnostics(logp, micro["loss_mask"], micro["advantages"], loss_config,
                                           ref_logprobs=ref, entropies=entropy)
@@ -257,8 +265,14 @@ def shared_prompt_group(group_size: int, batch_rows: int, num_micro_batches: int
     return math.gcd(group_size, batch_rows // num_micro_batches)
 
 
+def row_groups(mesh: jax.sharding.Mesh, batch_rows: int, num_micro_batches: int) -> int:
+    """`train_step`'s `row_groups` on `mesh`: its batch shards (data x fsdp), or their largest
+    divisor that divides a micro-batch's rows, so each device packs its own rows."""
+    return math.gcd(mesh.shape["data"] * mesh.shape["fsdp"], batch_rows // num_micro_batches)
+
+
 def packed_sizes(loss_mask: np.ndarray, token_mask: np.ndarray, num_micro_batches: int,
-                 chunk_size: int) -> dict[str, int]:
+                 chunk_size: int, row_groups: int = 1) -> dict[str, int]:
     """`train_step`'s static `loss_tokens` and `completion_tokens` for a batch's host masks.
 
     Args:
@@ -266,19 +280,20 @@ def packed_sizes(loss_mask: np.ndarray, token_mask: np.ndarray, num_micro_batche
       token_mask: [B, P + C] bool.
       num_micro_batches: m.
       chunk_size: the LM-head chunk (the bucket granule, `packing.token_bucket`).
+      row_groups: G, the row groups of a micro-batch packed separately.
 
     Returns:
-      {"loss_tokens": N, "completion_tokens": M}: the largest micro-batch's count of
-      loss tokens / of real completion tokens, bucketed with at least one chunk (short
-      batches share one program, as `Trajectory.trimmed` does), at most a
-      micro-batch's B / m * C.
+      {"loss_tokens": N, "completion_tokens": M}: the largest row group's count of loss
+      tokens / of real completion tokens, bucketed with at least one chunk (short
+      batches share one program, as `Trajectory.trimmed` does), at most a group's
+      B / (m G) * C.
     """
     loss_mask = np.asarray(loss_mask)
     completion_mask = np.asarray(token_mask)[:, -loss_mask.shape[1]:]
-    limit = loss_mask.size // num_micro_batches
+    limit = loss_mask.size // (num_micro_batches * row_groups)
 
     def bucket(mask):
-        count = int(mask.reshape(num_micro_batches, -1).sum(axis=1).max())
+        count = int(mask.reshape(num_micro_batches * row_groups, -1).sum(axis=1).max())
         return min(packing.token_bucket(max(count, chunk_size), chunk_size), limit)
 
     return {"loss_tokens": bucket(loss_mask), "completion_tokens": bucket(completion_mask)}

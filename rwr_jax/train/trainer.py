@@ -35,8 +35,8 @@ from rwr_jax.rollout import engine, sampler, stop_strings
 from rwr_jax.rollout.trajectory import FINISH_REASONS, Passage
 from rwr_jax.train import checkpoint, format_prior, multihost, optimizer as optimizer_lib, scoring, visual_scoring
 from rwr_jax.train.metrics import MetricWriter
-from rwr_jax.train.step import (TrainState, _embeds, _image_features, packed_sizes, shared_prompt_group,
-                                train_step)
+from rwr_jax.train.step import (TrainState, _embeds, _image_features, packed_sizes, row_groups,
+                                shared_prompt_group, train_step)
 
 
 @dataclasses.dataclass
@@ -342,12 +342,13 @@ def _train(cfg, workdir: str, c: Components, stop_after: int | None) -> TrainSta
             metrics = hosts.mean(metrics)
             train_batch, prompt_length, (loss_mask, token_mask) = hosts.global_batch(train_batch,
                                                                                      batch.tokens.shape[1])
+            m = cfg.train.num_micro_batches
+            groups = row_groups(hosts.mesh, loss_mask.shape[0], m)  # each device packs its own rows
             state, step_metrics = train_step(
                 c.model, c.optimizer, state, train_batch, c.initial_params, loss_config=loss_config,
-                num_micro_batches=cfg.train.num_micro_batches, chunk_size=cfg.train.logprob_chunk,
-                prompt_length=prompt_length, prompt_group=shared_prompt_group(
-                    cfg.rollout.group_size, loss_mask.shape[0], cfg.train.num_micro_batches),
-                **packed_sizes(loss_mask, token_mask, cfg.train.num_micro_batches, cfg.train.logprob_chunk))
+                num_micro_batches=m, chunk_size=cfg.train.logprob_chunk, prompt_length=prompt_length,
+                prompt_group=shared_prompt_group(cfg.rollout.group_size, loss_mask.shape[0], m), row_groups=groups,
+                **packed_sizes(loss_mask, token_mask, m, cfg.train.logprob_chunk, groups))
             state = jax.device_put(state, layout)  # as it came in (XLA may choose others): no recompiles
             position = iterator.get_state()
             ran += 1

@@ -25,10 +25,23 @@ def test_pack_unpack_round_trip():
     mask = jnp.asarray([[False, True, True], [True, False, False]])
     x = jnp.arange(6 * 2, dtype=jnp.float32).reshape(2, 3, 2) + 1
     index = packing.pack_index(mask, 5)
-    np.testing.assert_array_equal(index, [1, 2, 3, 6, 6])  # 6 = B * T: empty slots
+    np.testing.assert_array_equal(index, [[1, 2, 3, 6, 6]])  # 6 = B * T: empty slots
     packed = packing.pack(x, index)
     np.testing.assert_array_equal(packed, [[[3, 4], [5, 6], [7, 8], [0, 0], [0, 0]]])
     np.testing.assert_array_equal(packing.unpack(packed, index, 2, 3), jnp.where(mask[..., None], x, 0))
+    assert not packing.overflows(mask, 3) and packing.overflows(mask, 2)
+
+
+def test_groups_pack_their_own_rows():
+    """4 rows in 2 groups of 2: each group's tokens in its own packed row, positions within the group."""
+    mask = jnp.asarray([[False, True, True], [True, False, False], [True, True, True], [False, False, True]])
+    x = jnp.arange(12, dtype=jnp.float32).reshape(4, 3) + 1
+    index = packing.pack_index(mask, 4, groups=2)
+    np.testing.assert_array_equal(index, [[1, 2, 3, 6], [0, 1, 2, 5]])  # 6 = 2 rows x 3: empty slot
+    np.testing.assert_array_equal(packing.pack(x, index), [[2, 3, 4, 0], [7, 8, 9, 12]])
+    np.testing.assert_array_equal(packing.unpack(packing.pack(x, index), index, 4, 3), jnp.where(mask, x, 0))
+    np.testing.assert_array_equal(packing.flat_positions(index, 4, 3), [[1, 2, 3, 12], [6, 7, 8, 11]])
+    assert not packing.overflows(mask, 4, groups=2) and packing.overflows(mask, 3, groups=2)
 
 
 def test_token_bucket():

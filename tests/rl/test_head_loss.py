@@ -35,9 +35,9 @@ def _case(tie=False, loss_type="dapo", empty=False):
         logp, score, advantages, config, ref_logprobs=ref).numerator
 
 
-def _fused(model, loss_fn, targets, score, num_tokens):
+def _fused(model, loss_fn, targets, score, num_tokens, groups=1):
     return lambda p, h: head_loss.fused_head_loss(model, p, h, targets, score, loss_fn, num_tokens=num_tokens,
-                                                  chunk_size=CHUNK)
+                                                  chunk_size=CHUNK, groups=groups)
 
 
 def _unfused(model, loss_fn, targets, score):
@@ -58,20 +58,22 @@ def test_fused_equals_head_then_loss(loss_type, tie):
     np.testing.assert_allclose(hidden @ model.apply({"params": params}, method=DecoderLM.head_kernel),
                                model.apply({"params": params}, hidden, method=DecoderLM.logits), atol=1e-5)
     expected = jax.jit(_unfused(model, loss_fn, targets, score))(params, hidden)
-    for num_tokens in (count, count + 3):  # chunks of 4 do not divide either
-        ours = jax.jit(_fused(model, loss_fn, targets, score, num_tokens))(params, hidden)
+    per_row = int(score.sum(axis=1).max())  # B row groups of one row, each packed on its own
+    for groups, num_tokens in ((1, count), (1, count + 3), (B, per_row)):  # chunks of 4 do not divide them
+        ours = jax.jit(_fused(model, loss_fn, targets, score, num_tokens, groups))(params, hidden)
         for name, a, b in zip(("loss", "logp", "entropy"), ours, expected):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"{name}, N {num_tokens}")
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"{name}, G {groups}, N {num_tokens}")
 
     def value(fn):
         return lambda p, h: fn(p, h)[0]
 
-    grads = jax.jit(jax.grad(value(_fused(model, loss_fn, targets, score, count + 3)), argnums=(0, 1)))(params,
-                                                                                                       hidden)
     expected = jax.jit(jax.grad(value(_unfused(model, loss_fn, targets, score)), argnums=(0, 1)))(params, hidden)
-    for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(expected)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
-    assert float(jnp.max(jnp.abs(grads[1]))) > 0
+    for groups, num_tokens in ((1, count + 3), (B, per_row)):
+        grads = jax.jit(jax.grad(value(_fused(model, loss_fn, targets, score, num_tokens, groups)),
+                                 argnums=(0, 1)))(params, hidden)
+        for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(expected)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+        assert float(jnp.max(jnp.abs(grads[1]))) > 0
 
 
 def _head_dots(jaxpr, width):

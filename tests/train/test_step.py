@@ -1,6 +1,8 @@
 """The jitted train step: micro-batching is exact, frozen params stay put, the
 optimiser follows the schedule, non-finite updates are skipped and counted."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -200,13 +202,16 @@ def test_sharded_step_equals_one_device():
     _, ref_params, _ = _setup(seed=1, group=4)
     loss_config = losses.LossConfig(loss_type="dapo", beta=0.05, max_completion_length=COMPLETION)
     tx = optax.apply_if_finite(optax.sgd(1.0), 3)
-    sizes = _tightest_sizes(batch, 2)
-    one, one_metrics = _step(model, params, batch, tx, loss_config, 2, 4, ref_params, **sizes)
+    one, one_metrics = _step(model, params, batch, tx, loss_config, 2, 4, ref_params, **_tightest_sizes(batch, 2))
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    groups = step_lib.row_groups(mesh, ROWS, 2)
+    assert groups == 4  # a micro-batch's 4 rows over the 4 batch shards: each device packs its own row
+    sizes = step_lib.packed_sizes(batch.loss_mask, batch.token_mask, 2, 4, groups)
     shardings = sharding.logical_shardings(convert.abstract_params(model.config), mesh)
     with jax.set_mesh(mesh), sharding.axis_rules():
         placed, placed_ref = jax.device_put(params, shardings), jax.device_put(ref_params, shardings)
-        sharded, sharded_metrics = _step(model, placed, batch, tx, loss_config, 2, 4, placed_ref, **sizes)
+        sharded, sharded_metrics = _step(model, placed, batch, tx, loss_config, 2, 4, placed_ref,
+                                         row_groups=groups, **sizes)
     for name in one_metrics:
         np.testing.assert_allclose(sharded_metrics[name], one_metrics[name], rtol=1e-5, atol=1e-6, err_msg=name)
     for a, b in zip(jax.tree_util.tree_leaves(sharded.params), jax.tree_util.tree_leaves(one.params)):
@@ -219,6 +224,29 @@ def test_sharded_step_equals_one_device():
     assert sharded.params["model"]["layers_0"]["input_layernorm"]["scale"].sharding.is_fully_replicated
     moved = np.asarray(one.params["lm_head"]["kernel"]) - np.asarray(params["lm_head"]["kernel"])
     assert float(np.abs(moved).max()) > 1e-3  # the update is not a no-op
+
+
+def test_each_device_computes_its_own_rows_packed_tokens():
+    """fsdp = 8, a micro-batch of 8 rows: with row_groups = 8 every device runs the MLP on its own
+    row's packed tokens (N = 16 of them); with one group each device ran all 8 x 16 (XLA cannot
+    split a single packed sequence over the batch shards)."""
+    model, params, batch = _setup(group=4)
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+    params = jax.device_put(params, sharding.logical_shardings(convert.abstract_params(model.config), mesh))
+    tx = optax.apply_if_finite(optax.sgd(1.0), 3)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    def mlp_dot_rows(groups):
+        with jax.set_mesh(mesh), sharding.axis_rules():
+            text = train_step.lower(model, tx, state, batch, params, loss_config=losses.LossConfig(beta=0.0),
+                                    num_micro_batches=1, chunk_size=4, prompt_length=PROMPT, prompt_group=4,
+                                    loss_tokens=16 * 8 // groups, completion_tokens=16 * 8 // groups,
+                                    row_groups=groups).compile().as_text()
+        # Tokens of the per-device [1, tokens, 48] outputs of the packed MLP's gate / up projections.
+        return {int(m) for m in re.findall(r"f32\[1,(\d+),48\](?:\{[^}]*\})? (?:dot|fusion|convolution)\(", text)}
+
+    assert max(mlp_dot_rows(8)) == 16
+    assert max(mlp_dot_rows(1)) == 128
 
 
 def test_image_features_on_a_mesh_wider_than_the_image_batch():
