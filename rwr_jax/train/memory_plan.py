@@ -44,7 +44,7 @@ from rwr_jax.models.qwen2_vl import convert, vision
 from rwr_jax.models.qwen2_vl.model import VLConfig
 from rwr_jax.rollout import engine, sampler, stop_strings
 from rwr_jax.train import optimizer as optimizer_lib, trainer
-from rwr_jax.train.step import TrainBatch, TrainState, row_groups, shared_prompt_group, train_step
+from rwr_jax.train.step import TrainBatch, TrainState, batch_shard_groups, shared_prompt_group, train_step
 
 GiB = 2**30
 # HBM per chip by `device_kind` (abstract topology devices report no memory_stats).
@@ -361,7 +361,7 @@ def plan_memory(cfg, devices: Sequence[Any], batch: BatchShape | None = None) ->
     state = TrainState(step=_abstract((), jnp.int32, _replicated(mesh)), params=params,
                        opt_state=abstract_optimizer_state(optimizer, params, mesh))
     train_batch = abstract_batch(batch, model_config, mesh)
-    groups = row_groups(mesh, batch.rows, m)
+    groups = batch_shard_groups(mesh, batch.rows, m)
     tokens = batch.rows // (m * groups) * batch.completion_length  # every completion token real and scored
     sizes = {"params": bytes_per_device(params), "optimizer": bytes_per_device(state.opt_state),
              "reference": bytes_per_device(params), "batch": bytes_per_device(train_batch)}

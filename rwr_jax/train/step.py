@@ -188,7 +188,7 @@ def train_step(model, optimizer: optax.GradientTransformation, state: TrainState
         only (the prompts then run as a prefill even with prompt_group 1). None =
         padded. A too-small M makes the update non-finite (skipped).
       row_groups: G, groups of consecutive rows of a micro-batch whose tokens are packed
-        separately (`models.packing`): the batch shards of the mesh (`row_groups`), so
+        separately (`models.packing`): the batch shards of the mesh (`batch_shard_groups`), so
         that each device packs and computes its own rows.
 
     Returns:
@@ -265,7 +265,7 @@ def shared_prompt_group(group_size: int, batch_rows: int, num_micro_batches: int
     return math.gcd(group_size, batch_rows // num_micro_batches)
 
 
-def row_groups(mesh: jax.sharding.Mesh, batch_rows: int, num_micro_batches: int) -> int:
+def batch_shard_groups(mesh: jax.sharding.Mesh, batch_rows: int, num_micro_batches: int) -> int:
     """`train_step`'s `row_groups` on `mesh`: its batch shards (data x fsdp), or their largest
     divisor that divides a micro-batch's rows, so each device packs its own rows."""
     return math.gcd(mesh.shape["data"] * mesh.shape["fsdp"], batch_rows // num_micro_batches)

@@ -35,7 +35,7 @@ from rwr_jax.rollout import engine, sampler, stop_strings
 from rwr_jax.rollout.trajectory import FINISH_REASONS, Passage
 from rwr_jax.train import checkpoint, format_prior, multihost, optimizer as optimizer_lib, scoring, visual_scoring
 from rwr_jax.train.metrics import MetricWriter
-from rwr_jax.train.step import (TrainState, _embeds, _image_features, packed_sizes, row_groups,
+from rwr_jax.train.step import (TrainState, _embeds, _image_features, batch_shard_groups, packed_sizes,
                                 shared_prompt_group, train_step)
 
 
@@ -343,7 +343,7 @@ def _train(cfg, workdir: str, c: Components, stop_after: int | None) -> TrainSta
             train_batch, prompt_length, (loss_mask, token_mask) = hosts.global_batch(train_batch,
                                                                                      batch.tokens.shape[1])
             m = cfg.train.num_micro_batches
-            groups = row_groups(hosts.mesh, loss_mask.shape[0], m)  # each device packs its own rows
+            groups = batch_shard_groups(hosts.mesh, loss_mask.shape[0], m)  # each device packs its own rows
             state, step_metrics = train_step(
                 c.model, c.optimizer, state, train_batch, c.initial_params, loss_config=loss_config,
                 num_micro_batches=m, chunk_size=cfg.train.logprob_chunk, prompt_length=prompt_length,

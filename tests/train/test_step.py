@@ -204,7 +204,7 @@ def test_sharded_step_equals_one_device():
     tx = optax.apply_if_finite(optax.sgd(1.0), 3)
     one, one_metrics = _step(model, params, batch, tx, loss_config, 2, 4, ref_params, **_tightest_sizes(batch, 2))
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    groups = step_lib.row_groups(mesh, ROWS, 2)
+    groups = step_lib.batch_shard_groups(mesh, ROWS, 2)
     assert groups == 4  # a micro-batch's 4 rows over the 4 batch shards: each device packs its own row
     sizes = step_lib.packed_sizes(batch.loss_mask, batch.token_mask, 2, 4, groups)
     shardings = sharding.logical_shardings(convert.abstract_params(model.config), mesh)

@@ -22,7 +22,8 @@ from rwr_jax.models.qwen2_vl.config import DecoderConfig
 from rwr_jax.models.qwen2_vl.model import VisionLanguageLM, VLConfig
 from rwr_jax.rl import losses
 from rwr_jax.train import multihost, scoring
-from rwr_jax.train.step import TrainBatch, TrainState, packed_sizes, row_groups, shared_prompt_group, train_step
+from rwr_jax.train.step import (TrainBatch, TrainState, batch_shard_groups, packed_sizes, shared_prompt_group,
+                                train_step)
 
 IMAGE_TOKEN, GROUP, PROMPTS, MICRO_BATCHES = 5, 2, 2, 2
 TEXT = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
@@ -69,7 +70,7 @@ def update(mesh, batch: TrainBatch, prompt_length: int, masks) -> tuple[TrainSta
     ref_params = jax.tree_util.tree_map(lambda x: x * 0.9, params)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=OPTIMIZER.init(params))
     loss_mask, token_mask = masks
-    groups = row_groups(mesh, loss_mask.shape[0], MICRO_BATCHES)  # 4 devices: each packs its own row
+    groups = batch_shard_groups(mesh, loss_mask.shape[0], MICRO_BATCHES)  # 4 devices: each packs its own row
     return train_step(model, OPTIMIZER, state, batch, ref_params, loss_config=LOSS, num_micro_batches=MICRO_BATCHES,
                       chunk_size=4, prompt_length=prompt_length,
                       prompt_group=shared_prompt_group(GROUP, loss_mask.shape[0], MICRO_BATCHES), row_groups=groups,
