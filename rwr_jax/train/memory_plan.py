@@ -372,8 +372,8 @@ def plan_memory(cfg, devices: Sequence[Any], batch: BatchShape | None = None) ->
             prompt_group=shared_prompt_group(cfg.rollout.group_size, batch.rows, m), loss_tokens=tokens,
             completion_tokens=tokens, row_groups=groups))
     multi = len(processes) > 1  # the rollout's params: the host's replica, the sharded ones stay
+    policy = abstract_params(model_config, local_mesh, rules) if multi else params
     with jax.set_mesh(local_mesh), sharding.axis_rules(rules):
-        policy = abstract_params(model_config, local_mesh, rules) if multi else params
         rows, cache_length, rollout = _plan_rollout(cfg, model, model_config, local_mesh, policy, batch)
     return MemoryPlan(
         devices=f"{len(devices)} x {devices[0].device_kind}", num_processes=len(processes), mesh=dict(mesh.shape),

@@ -66,14 +66,17 @@ def test_optimizer_moments_are_sharded_like_their_params():
 
 
 def test_plan_of_the_stage2_demo_on_a_tpu_slice():
-    """v5p:2x2x1 (4 chips, 95 GiB each) compiled here through libtpu: XLA's argument bytes are the
-    state's and batch's shards (TPU layouts pad a little); the donated train state and decode state
-    are written over in place; every program fits."""
-    plan = memory_plan.plan_memory(stage2.get_config("demo"), memory_plan.topology_devices("v5p:2x2x1"))
+    """v5p:2x2x2 (8 chips of 95 GiB, 2 hosts) compiled here through libtpu: XLA's argument bytes are
+    the state's and batch's shards (TPU layouts pad a little); the donated train state and decode
+    state are written over in place; each host rolls out on its 4 chips with its own replica of the
+    policy while the sharded train state stays; every program fits."""
+    plan = memory_plan.plan_memory(stage2.get_config("demo"), memory_plan.topology_devices("v5p:2x2x2"))
     print(plan.report())
-    assert plan.devices == "4 x TPU v5" and plan.num_processes == 1
-    assert plan.mesh == plan.rollout_mesh == {"data": 4, "fsdp": 1, "tensor": 1}
-    assert plan.batch == memory_plan.BatchShape(rows=8, prompt_length=512, completion_length=512, images=4,
+    assert plan.devices == "8 x TPU v5" and plan.num_processes == 2
+    assert plan.mesh == {"data": 8, "fsdp": 1, "tensor": 1} and plan.rollout_mesh == {"data": 4, "fsdp": 1,
+                                                                                       "tensor": 1}
+    # 2 prompts per process x 2 processes x G 4; 4 images (one per prompt) rounded up to the 8 shards.
+    assert plan.batch == memory_plan.BatchShape(rows=16, prompt_length=512, completion_length=512, images=8,
                                                 patches=2048)
     assert plan.state["optimizer"] == pytest.approx(2 * plan.state["params"], rel=0.01)  # vision tower frozen
     update, decode = plan.programs["update"], plan.programs["decode"]
@@ -88,7 +91,8 @@ def test_plan_of_the_stage2_demo_on_a_tpu_slice():
     assert cache_bytes < decode.aliased and decode.outputs - decode.aliased < 2**10
     # Demo rollout: 2 prompts x G 4 rows; 512 prompt + 3 rounds x 48 + 2 chunks of 192 slots.
     assert plan.rollout_rows == 8 and plan.cache_length == 512 + 3 * 48 + 2 * 192
-    assert plan.resident == plan.state["optimizer"] + plan.state["reference"]
+    # Two hosts: the rollout runs on a replica, so the sharded params stay too.
+    assert plan.resident == plan.state["params"] + plan.state["optimizer"] + plan.state["reference"]
     assert plan.rollout_peak == plan.resident + max(p.peak for n, p in plan.programs.items() if n != "update")
     assert plan.capacity == 95 * 2**30 and plan.fits
     assert plan.report().splitlines()[-1].startswith("fits: peak per device update ")

@@ -36,14 +36,14 @@ class Attention(nn.Module):
         """Attends a chunk of tokens to itself, or to the cache it is written into.
 
         Args:
-          x: [B, T, D] normed hidden states, or [1, N, D] packed ones (with pack_index).
+          x: [B, T, D] normed hidden states, or [G, N, D] packed ones (with pack_index).
           cos, sin: [B, T, head_dim] rotary tables (packed like x).
           mask: [B, T, S] bool; S = T without a cache, else the cache length.
           kv: optional (keys, values) of this layer's cache, each [B, K, S, head_dim];
             the chunk's T slots are written in place (a decode step does not copy it).
           end_index: [] int32, slot where this chunk is written (with kv).
-          pack_index: optional [N] int32 flat positions of x's tokens in [B, T]
-            (`models.packing`): projections run packed, attention unpacked.
+          pack_index: optional [G, N] int32 positions of x's tokens in their group's
+            rows (`models.packing`): projections run packed, attention unpacked.
 
         Returns:
           (output shaped like x, updated (keys, values) or None).
@@ -97,7 +97,7 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, kv=None, end_index=None, pack_index=None):
-        """[B, T, D] (or packed [1, N, D]) -> (the same shape, updated kv); arguments as in `Attention`."""
+        """[B, T, D] (or packed [G, N, D]) -> (the same shape, updated kv); arguments as in `Attention`."""
         c = self.config
         norm = functools.partial(RMSNorm, eps=c.rms_norm_eps, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype)
         x = nn.with_logical_constraint(x, _ACTIVATION)
@@ -137,7 +137,7 @@ class TextModel(nn.Module):
           positions: [B, T] int32, or [3, B, T] int32 for mRoPE.
           mask: [B, T, S] bool attention mask.
           cache: optional KVCache; the chunk is written at cache.end_index.
-          pack_index: optional [N] int32 flat positions (`models.packing`): the
+          pack_index: optional [G, N] int32 positions (`models.packing`): the
             position-wise work runs on those tokens only; the others (padding) get
             hidden states 0 and zero keys / values.
 
@@ -209,8 +209,9 @@ class DecoderLM(nn.Module):
           cache: optional KVCache to append the chunk to.
           embeds: optional [B, T, D] input embeddings replacing the token lookup.
           return_hidden: return final hidden states instead of logits.
-          pack_index: optional [N] int32, `packing.pack_index(token_mask, N)` with N >=
-            the real tokens: projections and MLPs run on the real tokens only.
+          pack_index: optional [G, N] int32, `packing.pack_index(token_mask, N, G)` with N
+            >= the real tokens of each group of B / G rows: projections and MLPs run on
+            the real tokens only.
 
         Returns:
           ([B, T, V] logits or [B, T, D] hidden states, updated cache or None).

@@ -145,7 +145,7 @@ class VisionLanguageLM(DecoderLM):
           embeds: optional [B, T, D] input embeddings with image features already in
             place (the train step scatters features it encoded once); replaces both
             the token lookup and `images`.
-          pack_index: optional [N] int32 packed real tokens (`DecoderLM.__call__`).
+          pack_index: optional [G, N] int32 packed real tokens (`DecoderLM.__call__`).
 
         Returns:
           ([B, T, V] logits or [B, T, D] hidden states, updated cache or None).
