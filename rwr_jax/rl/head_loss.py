@@ -82,14 +82,15 @@ def fused_head_loss(model: nn.Module, params, hidden: jax.Array, targets: jax.Ar
         return jax.grad(loss_fn)(full).reshape(-1).at[slots].get(mode="fill", fill_value=0.0)
 
     def one_chunk(kernel_grad, xs):
-        h, t, slots = xs  # [G, c, D], [G, c], [G, c]
+        h, t, slots = (x.reshape(groups * chunk, *x.shape[2:]) for x in xs)  # [G c, D], [G c], [G c]: 2-D dots
         logits, head_vjp = jax.vjp(jnp.dot, h.astype(weight.dtype), weight)
         logp, entropy, probs = logprobs.softmax_stats(logits, t)
         g = loss_derivative(logp, slots)
-        one_hot = (jnp.arange(groups)[:, None], jnp.arange(chunk)[None, :], jnp.clip(t, 0, probs.shape[-1] - 1))
-        dlogits = (-g[..., None] * probs).at[one_hot].add(g)
+        dlogits = (-g[:, None] * probs).at[jnp.arange(groups * chunk), jnp.clip(t, 0, probs.shape[-1] - 1)].add(g)
         h_grad, w_grad = head_vjp(dlogits.astype(weight.dtype))
-        return kernel_grad + w_grad.astype(jnp.float32), (logp, entropy, h_grad)
+        rows = (groups, chunk)
+        return kernel_grad + w_grad.astype(jnp.float32), (logp.reshape(rows), entropy.reshape(rows),
+                                                          h_grad.reshape(*rows, -1))
 
     kernel_grad, (logp, entropy, hidden_grad) = jax.lax.scan(
         one_chunk, jnp.zeros(kernel.shape, jnp.float32), chunks)
