@@ -285,9 +285,15 @@ def decode_with_eigen_dots(config) -> bool:
         >= EIGEN_DOTS_MIN_WEIGHT_BYTES
 
 
+def decode_round_program(config):
+    """The jitted `_decode_round` for a model with this DecoderConfig (its dot library,
+    `decode_with_eigen_dots`): what `decode_round` runs, e.g. to compile it ahead of time."""
+    return _DECODE_ROUND[decode_with_eigen_dots(config)]
+
+
 def decode_round(model, params, state: DecodeState, tables: stop_strings.StopTables, *, sampling: SamplingConfig,
                  eos_ids: tuple[int, ...], round_budget: int) -> DecodeState:
     """Generates until every active row has stopped (or the cache is full): `_decode_round`,
     jitted with the dot library that suits the model's size (see `decode_with_eigen_dots`)."""
-    return _DECODE_ROUND[decode_with_eigen_dots(model.config)](
+    return decode_round_program(model.config)(
         model, params, state, tables, sampling=sampling, eos_ids=eos_ids, round_budget=round_budget)

@@ -302,10 +302,10 @@ def _plan_rollout(cfg, model, model_config, mesh: jax.sharding.Mesh, params: dic
     prefill_args = (model, params, _abstract((prompts, prompt_length), jnp.int32, replicated),
                     _abstract((prompts, prompt_length), jnp.bool_, replicated),
                     _positions(model_config, prompts, prompt_length, replicated), images)
-    compiled, programs = {}, {}
-    compiled["prefill"], programs["prefill"] = _compile("the rollout's prefill", engine.prefill_group.lower(
+    programs = {}
+    prefill, programs["prefill"] = _compile("the rollout's prefill", engine.prefill_group.lower(
         *prefill_args, group_size=rollout_config.group_size, cache_length=cache_length))
-    if compiled["prefill"] is None:  # the decode state holds its outputs: no shardings for them
+    if prefill is None:  # the decode state holds its outputs: no shardings for them
         refused = "not compiled: the prefill was refused"
         return rows, cache_length, {**programs, "decode": refused, "extend": refused}
     text = model_config.text if isinstance(model_config, VLConfig) else model_config
@@ -313,15 +313,14 @@ def _plan_rollout(cfg, model, model_config, mesh: jax.sharding.Mesh, params: dic
                                     stop_strings.build_stop_tables([b""] * text.vocab_size, _STOP_STRINGS))
     cache, logits = _with_shardings(jax.eval_shape(engine.prefill_group, *prefill_args,
                                                    group_size=rollout_config.group_size, cache_length=cache_length),
-                                    compiled["prefill"].output_shardings)
+                                    prefill.output_shardings)
     # The decode state as `sampler.start_decoding` lays it out (its rows over the batch axes).
     start_args = (cache, logits, _abstract((rows,), jnp.int32, replicated), tables,
                   jax.eval_shape(lambda: jax.random.key(0)))
     capacity = rollout_config.max_completion_length
     state = _with_shardings(jax.eval_shape(functools.partial(sampler.start_decoding, capacity=capacity), *start_args),
                             sampler.start_decoding.lower(*start_args, capacity=capacity).compile().output_shardings)
-    decode = sampler._DECODE_ROUND[sampler.decode_with_eigen_dots(text)]  # pylint: disable=protected-access
-    _, programs["decode"] = _compile("the rollout's decode loop", decode.lower(
+    _, programs["decode"] = _compile("the rollout's decode loop", sampler.decode_round_program(text).lower(
         model, params, state, tables, sampling=rollout_config.sampling, eos_ids=tokenizer_lib.EOS_IDS,
         round_budget=rollout_config.max_new_tokens_per_round))
     _, programs["extend"] = _compile("the rollout's extend", engine.extend.lower(
