@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the axes rows are split over (the rules' "activation_batch")
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 

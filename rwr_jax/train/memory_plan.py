@@ -49,8 +49,6 @@ from rwr_jax.train.step import TrainBatch, TrainState, batch_shard_groups, share
 GiB = 2**30
 # HBM per chip by `device_kind` (abstract topology devices report no memory_stats).
 HBM_BYTES = {"TPU v4": 32 * GiB, "TPU v5 lite": 16 * GiB, "TPU v5": 95 * GiB, "TPU v6 lite": 32 * GiB}
-_BATCH_AXES = ("data", "fsdp")
-_STOP_STRINGS = ("</query>", "</answer>")  # the trainer's
 
 
 def gib(n: int) -> str:
@@ -245,7 +243,7 @@ def _images(model_config, count: int, patches: int, sharding_: jax.sharding.Name
 
 def abstract_batch(shape: BatchShape, model_config, mesh: jax.sharding.Mesh) -> TrainBatch:
     """A TrainBatch of `shape` without memory, rows (and images) over the data x fsdp axes."""
-    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(_BATCH_AXES))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
     b, c, length = shape.rows, shape.completion_length, shape.prompt_length + shape.completion_length
     images = _images(model_config, shape.images, shape.patches, rows) if shape.images else None
     return TrainBatch(tokens=_abstract((b, length), jnp.int32, rows),
@@ -310,7 +308,7 @@ def _plan_rollout(cfg, model, model_config, mesh: jax.sharding.Mesh, params: dic
         return rows, cache_length, {**programs, "decode": refused, "extend": refused}
     text = model_config.text if isinstance(model_config, VLConfig) else model_config
     tables = jax.tree_util.tree_map(lambda x: _abstract(np.shape(x), np.asarray(x).dtype, replicated),
-                                    stop_strings.build_stop_tables([b""] * text.vocab_size, _STOP_STRINGS))
+                                    stop_strings.build_stop_tables([b""] * text.vocab_size, trainer.STOP_STRINGS))
     cache, logits = _with_shardings(jax.eval_shape(engine.prefill_group, *prefill_args,
                                                    group_size=rollout_config.group_size, cache_length=cache_length),
                                     prefill.output_shardings)

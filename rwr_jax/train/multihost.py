@@ -29,8 +29,6 @@ import numpy as np
 from rwr_jax import sharding
 from rwr_jax.train.step import TrainBatch
 
-_BATCH_AXES = ("data", "fsdp")
-
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> None:
@@ -202,9 +200,9 @@ class Hosts:
         padded = pad_batch(batch, prompt_length, agreed["prompt"], agreed["completion"],
                            feature_offset=image_tokens,
                            images=(agreed["images"], agreed["patches"]) if images is not None else None)
-        specs = jax.tree_util.tree_map(lambda x: jax.sharding.PartitionSpec(_BATCH_AXES), padded)
+        specs = jax.tree_util.tree_map(lambda x: jax.sharding.PartitionSpec(sharding.BATCH_AXES), padded)
         if padded.positions.ndim == 3:
-            specs = specs.replace(positions=jax.sharding.PartitionSpec(None, _BATCH_AXES))
+            specs = specs.replace(positions=jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
         masks = (self.all_rows(padded.loss_mask), self.all_rows(padded.token_mask))
         return multihost_utils.host_local_array_to_global_array(padded, self.mesh, specs), agreed["prompt"], masks
 

@@ -39,6 +39,9 @@ from rwr_jax.train.step import (TrainState, _embeds, _image_features, batch_shar
                                 shared_prompt_group, train_step)
 
 
+STOP_STRINGS = ("</query>", "</answer>")  # a round ends at a query or an answer
+
+
 @dataclasses.dataclass
 class Components:
     """Everything the loop uses, built once."""
@@ -213,7 +216,7 @@ def build(cfg, workdir: str, devices: Sequence[jax.Device] | None = None) -> Com
         retrieve=build_retrieve(cfg, workdir) if uses_retrieval else (lambda queries: [[] for _ in queries]),
         text_tables=parser.build_text_tables(tokenizer, text.vocab_size),
         stop_tables=stop_strings.build_stop_tables(stop_strings.token_bytes_of(tokenizer, text.vocab_size),
-                                                   ("</query>", "</answer>")),
+                                                   STOP_STRINGS),
         letter_ids=tuple(jnp.asarray(x) for x in rewards.option_letter_token_ids(tokenizer)),
         optimizer=optimizer_lib.make_optimizer(opt_config, params), visual=visual)
 
