@@ -261,6 +261,7 @@ def evaluate(cfg, workdir: str, devices: Sequence[jax.Device] | None = None) -> 
         if jax.process_count() > 1:
             own_path = os.path.join(workdir, PROCESS_PREDICTIONS_FILE.format(jax.process_index()))
         _run(cfg, workdir, settings, todo[jax.process_index()::jax.process_count()], positions, own_path, devices)
+    multihost.barrier("rwr_jax eval: every process's lines written")  # process 0 then merges them
     # (Also after a multi-process run that crashed and is finished by one process.)
     multihost.run_on_main(lambda: _merge_process_predictions(workdir, [record.id for record in chosen]))
     wanted = {record.id for record in chosen}
