@@ -41,7 +41,7 @@ from rwr_jax.data.pipeline import HostPromptBatch, PipelineConfig, PromptPipelin
 from rwr_jax.eval import cdir as cdir_lib, predictions as predictions_lib
 from rwr_jax.models.qwen2_vl.model import VLConfig
 from rwr_jax.rl import parser
-from rwr_jax.rollout import engine, stop_strings
+from rwr_jax.rollout import engine
 from rwr_jax.rollout.trajectory import Trajectory
 from rwr_jax.train import multihost, trainer
 
@@ -169,9 +169,7 @@ class _Evaluator:
         self.cfg, self.model, self.params, self.tokenizer, self.retrieve, self.cdir = (
             cfg, model, params, tokenizer, retrieve, cdir)
         self.rollout_config = trainer.rollout_config(cfg)
-        self.text_tables = parser.build_text_tables(tokenizer, vocab_size)
-        self.stop_tables = stop_strings.build_stop_tables(stop_strings.token_bytes_of(tokenizer, vocab_size),
-                                                          ("</query>", "</answer>"))
+        self.text_tables, self.stop_tables = trainer.host_tables(tokenizer, vocab_size)
         self.key = jax.random.key(cfg.seed)
 
     def _rollout(self, batch: HostPromptBatch, config: engine.RolloutConfig,

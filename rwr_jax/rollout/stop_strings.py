@@ -78,11 +78,12 @@ def token_bytes_of(tokenizer, vocab_size: int) -> list[bytes]:
     from transformers.convert_slow_tokenizer import bytes_to_unicode  # host-only helper
 
     unicode_to_byte = {c: b for b, c in bytes_to_unicode().items()}
+    special = set(tokenizer.all_special_tokens)
     out = []
     for token in tokenizer.convert_ids_to_tokens(list(range(min(vocab_size, len(tokenizer))))):
         if token is None:
             out.append(b"")
-        elif token in tokenizer.all_special_tokens or any(c not in unicode_to_byte for c in token):
+        elif token in special or any(c not in unicode_to_byte for c in token):
             out.append(token.encode())  # added tokens are stored as plain text
         else:
             out.append(bytes(unicode_to_byte[c] for c in token))

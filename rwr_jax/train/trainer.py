@@ -13,6 +13,7 @@ policy exported as Hugging Face safetensors.
 """
 
 import dataclasses
+import functools
 import os
 import time
 from typing import Any, Callable, Sequence
@@ -194,6 +195,15 @@ def planned_steps(pipeline: PromptPipeline, num_epochs: int) -> int:
     return steps
 
 
+@functools.lru_cache(maxsize=2)
+def host_tables(tokenizer, vocab_size: int) -> tuple[parser.TextTables, stop_strings.StopTables]:
+    """The parser's and the stop strings' per-token tables (~2 s for Qwen's 151k tokens): built
+    once per tokenizer object and vocabulary size, so the runs of one process (a notebook's
+    variants, an evaluation after training) share them. Read-only."""
+    text_tables = parser.build_text_tables(tokenizer, vocab_size)
+    return text_tables, stop_strings.build_stop_tables(text_tables.token_bytes, STOP_STRINGS)
+
+
 def build(cfg, workdir: str, devices: Sequence[jax.Device] | None = None) -> Components:
     """Everything the loop uses; the mesh (`cfg.mesh`) over `devices` (default: the first
     `cfg.mesh_devices`, 0 = all; several processes need all of theirs, `multihost`)."""
@@ -210,13 +220,12 @@ def build(cfg, workdir: str, devices: Sequence[jax.Device] | None = None) -> Com
     total_steps = cfg.total_steps or planned_steps(pipeline, cfg.num_epochs)
     opt_config = make_optimizer_config(cfg, model_config, total_steps)
     uses_retrieval = cfg.rollout.max_rounds > 1
+    text_tables, stop_tables = host_tables(tokenizer, text.vocab_size)
     return Components(
         hosts=hosts, rules=rules, model=model, model_config=model_config, hf_config=hf_config, tokenizer=tokenizer,
         initial_params=params, pipeline=pipeline, total_steps=total_steps,
         retrieve=build_retrieve(cfg, workdir) if uses_retrieval else (lambda queries: [[] for _ in queries]),
-        text_tables=parser.build_text_tables(tokenizer, text.vocab_size),
-        stop_tables=stop_strings.build_stop_tables(stop_strings.token_bytes_of(tokenizer, text.vocab_size),
-                                                   STOP_STRINGS),
+        text_tables=text_tables, stop_tables=stop_tables,
         letter_ids=tuple(jnp.asarray(x) for x in rewards.option_letter_token_ids(tokenizer)),
         optimizer=optimizer_lib.make_optimizer(opt_config, params), visual=visual)
 

@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 from configs import stage1, stage2
 from rwr_jax.data import demo as demo_data, records, tokenizer as tokenizer_lib
 from rwr_jax.data.pipeline import PipelineConfig, PromptPipeline
+from rwr_jax.rollout import stop_strings
 from rwr_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -181,3 +182,14 @@ def test_visual_reward_needs_a_clip_checkpoint(tmp_path):
     cfg.rewards.names, cfg.rewards.weights = ["accuracy", "query_vision"], [1.0, 1.0]
     with pytest.raises(ValueError, match=r"rewards.names \['query_vision'\] are not registered"):
         trainer.build(cfg, str(tmp_path))
+
+
+def test_host_tables_are_built_once_per_tokenizer_and_vocabulary():
+    tokenizer = tokenizer_lib.load_tokenizer()
+    text_tables, stop_tables = trainer.host_tables(tokenizer, 300)
+    assert trainer.host_tables(tokenizer, 300)[1] is stop_tables
+    assert len(trainer.host_tables(tokenizer, 200)[0].token_bytes) == 200
+    expected = stop_strings.build_stop_tables(stop_strings.token_bytes_of(tokenizer, 300), trainer.STOP_STRINGS)
+    for name in ("head", "tail", "length", "contains", "strings"):
+        np.testing.assert_array_equal(getattr(stop_tables, name), getattr(expected, name), err_msg=name)
+    assert text_tables.token_bytes[:3] == [b"!", b'"', b"#"]
