@@ -109,7 +109,7 @@ class TextTables:
 
 def build_text_tables(tokenizer, vocab_size: int | None = None,
                       skip_ids: Sequence[int] = tokenizer_lib.EOS_IDS) -> TextTables:
-    """Builds the per-run tables (about 3 s for the 151k Qwen vocabulary)."""
+    """Builds the per-run tables (about 0.6 s for the 151k Qwen vocabulary)."""
     vocab_size = len(tokenizer) if vocab_size is None else vocab_size
     token_bytes = stop_strings.token_bytes_of(tokenizer, vocab_size)
     return TextTables(tokenizer=tokenizer, token_bytes=token_bytes,

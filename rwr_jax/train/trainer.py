@@ -197,7 +197,7 @@ def planned_steps(pipeline: PromptPipeline, num_epochs: int) -> int:
 
 @functools.lru_cache(maxsize=2)
 def host_tables(tokenizer, vocab_size: int) -> tuple[parser.TextTables, stop_strings.StopTables]:
-    """The parser's and the stop strings' per-token tables (~2 s for Qwen's 151k tokens): built
+    """The parser's and the stop strings' per-token tables (~1 s for Qwen's 151k tokens): built
     once per tokenizer object and vocabulary size, so the runs of one process (a notebook's
     variants, an evaluation after training) share them. Read-only."""
     text_tables = parser.build_text_tables(tokenizer, vocab_size)
