@@ -5,7 +5,9 @@ one scalar), so prefill, decode and extend are static-shape dynamic-update-slice
 Rows differ only in which slots hold real tokens (`key_mask`): left padding of a
 prompt, or padding inside an appended chunk, are slots with key_mask False that no
 query ever attends to. Rotary positions are not derived from slots; the caller passes
-them, so a row's positions stay contiguous across padded slots.
+them, so a row's positions stay contiguous across padded slots. A row that has stopped
+(or waits for a retrieved block) still takes a slot at every step; `compacted` gives
+those slots back.
 """
 
 import functools
@@ -70,6 +72,24 @@ class KVCache:
             return nn.with_logical_constraint(x, CACHE_AXES)
         return self.replace(keys=tuple(map(layout, self.keys)), values=tuple(map(layout, self.values)),
                             key_mask=nn.with_logical_constraint(self.key_mask, KEY_MASK_AXES))
+
+    def compacted(self) -> "KVCache":
+        """Every row's real slots moved to the front, in order; end_index = the most any row holds.
+
+        The slots rows left empty (padding, steps taken while a row was stopped) become
+        free, and attention is unchanged: each query sees the same keys in the same order
+        (causality is by slot order, positions are not derived from slots). One gather of
+        the whole cache.
+        """
+        order = jnp.argsort(~self.key_mask, axis=1, stable=True)  # [B, S]: real slots first
+        count = self.key_mask.sum(axis=1, dtype=jnp.int32)
+
+        def gather(x):  # [B, K, S, head_dim]
+            return jnp.take_along_axis(x, order[:, None, :, None], axis=2)
+
+        return self.replace(keys=tuple(map(gather, self.keys)), values=tuple(map(gather, self.values)),
+                            key_mask=jnp.arange(self.max_length)[None, :] < count[:, None],
+                            end_index=jnp.max(count)).constrained()
 
     def write_mask(self, token_mask: jax.Array) -> jax.Array:
         """key_mask after writing a chunk whose valid tokens are `token_mask` [B, T]."""

@@ -124,7 +124,7 @@ def extend(model, params, state: sampler.DecodeState, chunk: jax.Array, chunk_ma
         length=state.length + env_count,
         next_position=state.next_position + count,
         active=extended,
-        round_tokens=jnp.zeros_like(state.round_tokens),
+        round_tokens=jnp.zeros_like(state.round_tokens), round_step=jnp.zeros_like(state.round_step),
         stop_reason=jnp.where(extended, sampler.RUNNING, state.stop_reason),
         stop_tail=jnp.where(extended[:, None], jnp.zeros_like(state.stop_tail), state.stop_tail)).constrained()
 
@@ -202,6 +202,20 @@ def _cut_after_query(state: sampler.DecodeState, tokens: np.ndarray, length: np.
                          logprobs=state.logprobs.at[rows, slots].set(logprobs))
 
 
+def _compacted(state: sampler.DecodeState, room: int) -> sampler.DecodeState:
+    """The state with `room` free cache slots, compacting the cache if it has fewer
+    (`cache_sizes` makes sure that compaction frees enough)."""
+    free = state.cache.max_length - int(state.cache.end_index)
+    if free >= room:
+        return state
+    state = sampler.compact_cache(state)
+    free = state.cache.max_length - int(state.cache.end_index)
+    if free < room:
+        raise RuntimeError(f"the rollout's KV cache of {state.cache.max_length} slots has {free} free after "
+                           f"compaction, {room} needed: it is smaller than `engine.cache_sizes` makes it")
+    return state
+
+
 def retrieved_block_ids(tokenizer, passages: list[list[Passage]],
                         limit: int) -> tuple[list[list[int]], list[list[Passage]]]:
     """Tokenises each row's retrieved block once, trimming passages to fit `limit` tokens.
@@ -228,10 +242,18 @@ def retrieved_block_ids(tokenizer, passages: list[list[Passage]],
 
 def cache_sizes(config: RolloutConfig, prompt_length: int, max_retrieved_tokens: int) -> tuple[int, int]:
     """(K, cache length) of a rollout: K = the width of an `extend` chunk (a pending token and
-    a retrieved block, rounded up to `extend_bucket`); the cache holds the prompt, every
-    round's budget and a chunk between rounds."""
+    a retrieved block, rounded up to `extend_bucket`).
+
+    Rows share the cache's slots (`KVCache`), so a round takes as many as its longest
+    row writes: the prompt, every round's budget and a chunk between rounds always fit.
+    A row itself holds at most P + C - 1 real slots (C = `max_completion_length`), so a
+    cache of P + C + K slots is enough when that is less: when it fills up, the rollout
+    compacts it (`sampler.compact_cache`) to at most P + C - 1 slots, which leaves room
+    for a chunk and at least K + 1 decode steps before the next compaction.
+    """
     chunk = -(-(max_retrieved_tokens + 1) // config.extend_bucket) * config.extend_bucket
-    return chunk, prompt_length + config.max_rounds * config.max_new_tokens_per_round + (config.max_rounds - 1) * chunk
+    every_round = config.max_rounds * config.max_new_tokens_per_round + (config.max_rounds - 1) * chunk
+    return chunk, prompt_length + min(every_round, config.max_completion_length + chunk)
 
 
 def rollout(model, params, prompts: PromptBatch, tokenizer, retrieve: Retrieve, config: RolloutConfig,
@@ -274,11 +296,15 @@ def rollout(model, params, prompts: PromptBatch, tokenizer, retrieve: Retrieve, 
     queries: list[list[str]] = [[] for _ in range(batch)]
     passages: list[list[list[Passage]]] = [[] for _ in range(batch)]
     round_start = np.zeros((batch,), np.int64)
+    decode = functools.partial(sampler.decode_round, model, params, tables=tables, sampling=config.sampling,
+                               eos_ids=eos_ids, round_budget=config.max_new_tokens_per_round)
     for round_index in range(config.max_rounds):
         ran = np.asarray(state.active)
         rounds += ran
-        state = sampler.decode_round(model, params, state, tables, sampling=config.sampling, eos_ids=eos_ids,
-                                     round_budget=config.max_new_tokens_per_round)
+        state = decode(state)
+        while np.asarray(state.active).any():  # the cache filled up: free the slots of stopped rows, go on
+            state = _compacted(state, room=1)
+            state = decode(state)
         reason, length = np.asarray(state.stop_reason), np.asarray(state.length)
         paused = np.flatnonzero(ran & (reason == sampler.STOP_QUERY))
         finish = np.where(ran, reason, finish)
@@ -311,6 +337,7 @@ def rollout(model, params, prompts: PromptBatch, tokenizer, retrieve: Retrieve, 
             finish[b] = FINISH_REASONS_INDEX["running"]
         if not env_count.any():
             break
+        state = _compacted(state, room=chunk)
         state = extend(model, params, state, jnp.asarray(chunk_ids), jnp.asarray(chunk_mask), jnp.asarray(env_count))
     repeat = functools.partial(np.repeat, repeats=g, axis=0)
     return Trajectory(

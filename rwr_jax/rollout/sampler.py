@@ -132,7 +132,11 @@ class DecodeState:
       round_tokens: [B] int32 tokens generated in this round.
       stop_reason: [B] int32 STOP_* of the last stop (RUNNING while active).
       stop_tail: [B, m - 1] uint8 recent bytes for stop-string matching.
+      round_step: [] int32 decode steps taken in this round (0: the next
+        `decode_round` starts a round).
       key: PRNG key.
+      round_key: PRNG key of this round's uniforms (a round continued after the cache
+        filled up draws the same ones).
     """
 
     cache: KVCache
@@ -146,7 +150,9 @@ class DecodeState:
     round_tokens: jax.Array
     stop_reason: jax.Array
     stop_tail: jax.Array
+    round_step: jax.Array
     key: jax.Array
+    round_key: jax.Array
 
     @classmethod
     def start(cls, cache: KVCache, logits: jax.Array, next_position, capacity: int,
@@ -167,14 +173,16 @@ class DecodeState:
             source=jnp.zeros((batch, capacity), jnp.int8), logprobs=jnp.zeros((batch, capacity), jnp.float32),
             length=jnp.zeros((batch,), jnp.int32), next_position=jnp.asarray(next_position, jnp.int32),
             active=jnp.ones((batch,), bool), round_tokens=jnp.zeros((batch,), jnp.int32),
-            stop_reason=jnp.zeros((batch,), jnp.int32), stop_tail=stop_strings.initial_tail(batch, tables), key=key)
+            stop_reason=jnp.zeros((batch,), jnp.int32), stop_tail=stop_strings.initial_tail(batch, tables),
+            round_step=jnp.zeros((), jnp.int32), key=key,
+            round_key=jax.random.fold_in(key, 0))  # replaced when the first round starts; a buffer of its own
 
     def constrained(self) -> "DecodeState":
         """Rows over the batch axes, as the sharding rules say (no-op without rules): the
         decode loop's inputs and outputs keep one layout, so it compiles once and reuses
         its donated buffers."""
         rows = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
-                if field.name not in ("cache", "key")}
+                if field.name not in ("cache", "round_step", "key", "round_key")}
         rows = {name: nn.with_logical_constraint(x, ("activation_batch",) + (None,) * (x.ndim - 1))
                 for name, x in rows.items()}
         return self.replace(cache=self.cache.constrained(), **rows)
@@ -230,7 +238,11 @@ def _step(model, params, sampling: SamplingConfig, tables: stop_strings.StopTabl
 
 def _decode_round(model, params, state: DecodeState, tables: stop_strings.StopTables, *, sampling: SamplingConfig,
                  eos_ids: tuple[int, ...], round_budget: int) -> DecodeState:
-    """Generates until every active row has stopped (or the cache is full).
+    """Generates until every active row has stopped, or the cache is full.
+
+    A call that fills the cache leaves the rows that have not stopped active (and
+    `round_step` > 0): free slots (`compact_cache`) and call again to continue the
+    round, with the uniforms it would have drawn had the cache not filled up.
 
     Args:
       model: DecoderLM or VisionLanguageLM (static).
@@ -242,11 +254,13 @@ def _decode_round(model, params, state: DecodeState, tables: stop_strings.StopTa
       round_budget: new tokens a row may write in this round.
 
     Returns:
-      The state with every row inactive; `stop_reason` says why each stopped.
+      The state with every row inactive unless the cache is full; `stop_reason` says why
+      each stopped.
     """
     # A round takes at most round_budget steps (active rows all start it at 0 tokens);
     # its uniforms are drawn up front, so the loop body holds no random-number kernels.
-    key, round_key = jax.random.split(state.key)
+    key, round_key = jax.lax.cond(state.round_step == 0, lambda: tuple(jax.random.split(state.key)),
+                                  lambda: (state.key, state.round_key))
     uniforms = jax.random.uniform(round_key, (round_budget, state.active.shape[0]), jnp.float32)
     step = functools.partial(_step, model, params, sampling, tables, eos_ids, round_budget)
 
@@ -258,10 +272,9 @@ def _decode_round(model, params, state: DecodeState, tables: stop_strings.StopTa
         index, state = carry
         return index + 1, step(uniforms[index], state)
 
-    _, state = jax.lax.while_loop(keep_going, body, (jnp.zeros((), jnp.int32), state.replace(key=key)))
-    # Rows still active here ran out of cache: a total-budget stop.
-    return state.replace(stop_reason=jnp.where(state.active, STOP_TOTAL_BUDGET, state.stop_reason),
-                         active=jnp.zeros_like(state.active)).constrained()
+    state = state.replace(key=key, round_key=round_key)
+    steps, state = jax.lax.while_loop(keep_going, body, (state.round_step, state))
+    return state.replace(round_step=steps).constrained()
 
 
 # XLA:CPU runs dots either as YNNPACK kernels (its default) or as Eigen matmuls. A decode
@@ -293,7 +306,14 @@ def decode_round_program(config):
 
 def decode_round(model, params, state: DecodeState, tables: stop_strings.StopTables, *, sampling: SamplingConfig,
                  eos_ids: tuple[int, ...], round_budget: int) -> DecodeState:
-    """Generates until every active row has stopped (or the cache is full): `_decode_round`,
+    """Generates until every active row has stopped, or the cache is full: `_decode_round`,
     jitted with the dot library that suits the model's size (see `decode_with_eigen_dots`)."""
     return decode_round_program(model.config)(
         model, params, state, tables, sampling=sampling, eos_ids=eos_ids, round_budget=round_budget)
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def compact_cache(state: DecodeState) -> DecodeState:
+    """The state with its cache compacted (`KVCache.compacted`): the slots that stopped or
+    paused rows left empty become free, nothing else changes."""
+    return state.replace(cache=state.cache.compacted())

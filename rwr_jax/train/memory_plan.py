@@ -18,8 +18,8 @@ Two phases, each at the largest size the config allows:
   `rollout.max_completion_length`, every prompt `data.max_images_per_prompt` images of the
   most patches `max_pixels` allows;
 - the rollout of one process on its own devices: `engine.prefill_group`, then
-  `sampler.decode_round` and `engine.extend` over a KV cache of the whole rollout's
-  length, while the train state the rollout does not use (AdamW moments, the reference
+  `sampler.decode_round`, `engine.extend` and `sampler.compact_cache` over a KV cache of
+  the rollout's length (`engine.cache_sizes`), while the train state the rollout does not use (AdamW moments, the reference
   model and, with several processes, the sharded params next to the host's replica)
   stays in memory.
 Not counted: the retriever's text encoder and the visual reward's CLIP.
@@ -102,7 +102,7 @@ class MemoryPlan:
       mesh: mesh axis -> size of the update; rollout_mesh: of one process's rollout.
       batch: the update's batch; num_micro_batches: its gradient-accumulation steps.
       state: bytes per device of "params", "optimizer", "reference", "batch" (their shardings).
-      programs: "update", "prefill", "decode", "extend" -> ProgramMemory, or the compiler's
+      programs: "update", "prefill", "decode", "extend", "compact" -> ProgramMemory, or the compiler's
         out-of-memory message for a program it refused.
       rollout_rows: one process's rollout rows; cache_length: their KV cache's length.
       resident: bytes per device of the train state kept during the rollout, outside its programs.
@@ -158,7 +158,7 @@ class MemoryPlan:
                  f"  update: {self._program('update')}",
                  f"rollout of one process: mesh {self.rollout_mesh}; {self.rollout_rows} rows, KV cache of "
                  f"{self.cache_length} tokens; train state kept outside it {gib(self.resident)} per device"]
-        lines += [f"  {name}: {self._program(name)}" for name in ("prefill", "decode", "extend")]
+        lines += [f"  {name}: {self._program(name)}" for name in ("prefill", "decode", "extend", "compact")]
         peaks = {"update": self.update_peak, "rollout": self.rollout_peak}
         verdict = {True: "fits", False: "DOES NOT FIT", None: "capacity unknown"}[self.fits]
         lines.append(f"{verdict}: peak per device " + ", ".join(
@@ -305,7 +305,7 @@ def _plan_rollout(cfg, model, model_config, mesh: jax.sharding.Mesh, params: dic
         *prefill_args, group_size=rollout_config.group_size, cache_length=cache_length))
     if prefill is None:  # the decode state holds its outputs: no shardings for them
         refused = "not compiled: the prefill was refused"
-        return rows, cache_length, {**programs, "decode": refused, "extend": refused}
+        return rows, cache_length, {**programs, "decode": refused, "extend": refused, "compact": refused}
     text = model_config.text if isinstance(model_config, VLConfig) else model_config
     tables = jax.tree_util.tree_map(lambda x: _abstract(np.shape(x), np.asarray(x).dtype, replicated),
                                     stop_strings.build_stop_tables([b""] * text.vocab_size, trainer.STOP_STRINGS))
@@ -324,6 +324,7 @@ def _plan_rollout(cfg, model, model_config, mesh: jax.sharding.Mesh, params: dic
     _, programs["extend"] = _compile("the rollout's extend", engine.extend.lower(
         model, params, state, _abstract((rows, chunk), jnp.int32, replicated),
         _abstract((rows, chunk), jnp.bool_, replicated), _abstract((rows,), jnp.int32, replicated)))
+    _, programs["compact"] = _compile("the rollout's cache compaction", sampler.compact_cache.lower(state))
     return rows, cache_length, programs
 
 

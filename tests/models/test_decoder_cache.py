@@ -75,6 +75,34 @@ def test_chunked_extend_with_inner_padding(name):
         np.testing.assert_allclose(cached[row][keep], np.asarray(ref[0]), atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_compacted_cache_decodes_as_the_full_one(name):
+    """Compaction moves each row's real slots to the front in order: decoding on from it
+    gives the logits of the uncompacted cache, and its end is the largest real count."""
+    config, model, params, tokens, mask, positions = _setup(name)
+    cache = init_cache(config, batch=tokens.shape[0], max_length=16)
+    _, cache = inference.prefill(model, params, tokens[:, :5], mask[:, :5], positions[:, :5], cache)
+    # Two chunks with holes mid-row (rows stopped or paused for some steps).
+    for start, holes in ((5, ((1, 0), (1, 1))), (7, ((0, 1), (2, 0)))):
+        chunk_mask = np.ones((3, 2), bool)
+        for row, column in holes:
+            chunk_mask[row, column] = False
+        chunk_positions = positions[:, 5:6] + np.cumsum(chunk_mask, axis=1) - 1 + (start - 5)
+        _, cache = inference.prefill(model, params, tokens[:, start:start + 2], jnp.asarray(chunk_mask),
+                                     jnp.asarray(chunk_positions, jnp.int32), cache)
+    compacted = jax.jit(lambda c: c.compacted())(cache)
+    counts = np.asarray(cache.key_mask).sum(axis=1)
+    assert int(compacted.end_index) == counts.max() < int(cache.end_index)
+    np.testing.assert_array_equal(np.asarray(compacted.key_mask), np.arange(16)[None] < counts[:, None])
+    next_tokens, next_positions = tokens[:, -1], jnp.asarray(positions[:, -1] + 3)
+    expected, _ = inference.decode(model, params, next_tokens, next_positions, cache)
+    got, after = inference.decode(model, params, next_tokens, next_positions, compacted)
+    diff = float(jnp.max(jnp.abs(got - expected)))
+    print(f"{name}: max |compacted - full| next-step logits = {diff:.2e}")
+    assert diff <= ATOL
+    assert int(after.end_index) == counts.max() + 1
+
+
 def test_bf16_cache_runs_and_stays_close():
     config, model, params, tokens, mask, positions = _setup("qwen2")
     full, _ = jax.jit(model.apply)({"params": params}, tokens, positions, mask)

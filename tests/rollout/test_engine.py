@@ -132,6 +132,38 @@ def test_total_budget_stops_rows():
     assert "total_budget" in traj.finish_reason_names()
 
 
+@pytest.mark.parametrize("capacity, where", [(64, "mid-round"), (100, "before a block")])
+def test_a_cache_that_fills_up_is_compacted_and_the_rollout_unchanged(monkeypatch, capacity, where):
+    """With C = max_completion_length below the rounds' budgets, the cache holds P + C + K
+    slots, not every round's budget: it fills up (mid-round, or before a block) and is
+    compacted; the rollout is the one an every-round cache gives, token for token."""
+    overrides = dict(seed=0, max_completion_length=capacity, max_new_tokens_per_round=40, max_retrieved_tokens=24)
+    config = engine.RolloutConfig(max_rounds=3, max_new_tokens_per_round=40, max_completion_length=capacity,
+                                  extend_bucket=32)
+    assert engine.cache_sizes(config, 8, 24) == (32, 8 + capacity + 32)
+    compactions, compact = [], sampler.compact_cache
+
+    def counted(state):
+        compactions.append(bool(state.active.any()))
+        return compact(state)
+
+    monkeypatch.setattr(sampler, "compact_cache", counted)
+    _, _, _, compacted = _rollout(**overrides)
+    assert compactions == [where == "mid-round"]  # rows still active: the decode loop stopped on a full cache
+
+    def every_round(config, prompt_length, max_retrieved_tokens):
+        chunk = -(-(max_retrieved_tokens + 1) // config.extend_bucket) * config.extend_bucket
+        return chunk, prompt_length + config.max_rounds * config.max_new_tokens_per_round + 2 * chunk
+
+    monkeypatch.setattr(engine, "cache_sizes", every_round)
+    _, _, _, reference = _rollout(**overrides)
+    assert len(compactions) == 1
+    for name in ("tokens", "source", "length", "rounds", "finish_reason"):
+        np.testing.assert_array_equal(getattr(compacted, name), getattr(reference, name), err_msg=name)
+    np.testing.assert_allclose(compacted.logprobs, reference.logprobs, atol=1e-5, rtol=0)
+    assert compacted.queries == reference.queries
+
+
 def test_a_block_that_leaves_the_model_no_slot_is_not_appended(rolled):
     """A retrieved block that would fill the completion exactly ends the row instead (the
     model's next token would overwrite the block's last one)."""
