@@ -89,6 +89,9 @@ def test_plan_of_the_stage2_demo_on_a_tpu_slice():
     # 2 layers x (keys, values) x 8 rows / 4 chips x 2 KV heads x 1040 slots x head_dim 16 x 4 bytes.
     cache_bytes = 2 * 2 * 8 // 4 * 2 * 1040 * 16 * 4
     assert cache_bytes < decode.aliased and decode.outputs - decode.aliased < 2**10
+    # Compaction writes the decode state over the donated one and never sets the rollout's peak.
+    compact = plan.programs["compact"]
+    assert compact.aliased == compact.arguments and compact.peak < decode.peak
     # Demo rollout: 2 prompts x G 4 rows; 512 prompt + 3 rounds x 48 + 2 chunks of 192 slots.
     assert plan.rollout_rows == 8 and plan.cache_length == 512 + 3 * 48 + 2 * 192
     # Two hosts: the rollout runs on a replica, so the sharded params stay too.
