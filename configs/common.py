@@ -73,8 +73,8 @@ def demo_text_model(vision: bool) -> ml_collections.ConfigDict:
     model = dict(checkpoint="", vocab_size=151_680, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                  num_kv_heads=2, mrope_section=[4, 2, 2] if vision else None, rope_theta=1_000_000.0,
                  tie_word_embeddings=False,
-                 dtype="float32", param_dtype="float32", attention_kernel="xla", remat_policy="none",
-                 format_prior=True, freeze_vision=True)
+                 dtype="float32", param_dtype="float32", attention_kernel="xla", attention_query_chunk=0,
+                 remat_policy="none", format_prior=True, freeze_vision=True)
     if vision:
         model["vision"] = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                                fullatt_block_indexes=[1])
@@ -84,7 +84,8 @@ def demo_text_model(vision: bool) -> ml_collections.ConfigDict:
 def checkpoint_model(path: str) -> ml_collections.ConfigDict:
     """A local Hugging Face checkpoint; its config.json decides the architecture."""
     return ml_collections.ConfigDict(dict(checkpoint=path, dtype="bfloat16", param_dtype="float32",
-                                          attention_kernel="xla", remat_policy="dots_saveable", format_prior=False))
+                                          attention_kernel="xla", attention_query_chunk=0,
+                                          remat_policy="dots_saveable", format_prior=False))
 
 
 def data(*, demo: bool, path: str = "", max_prompt_length: int, images: int) -> ml_collections.ConfigDict:

@@ -9,6 +9,9 @@ boolean mask, and never needs the caller to repeat K/V heads.
     the cache without copying it.
   - "cudnn": `jax.nn.dot_product_attention` lowered to cuDNN flash attention (NVIDIA
     GPUs, bf16/fp16); never materialises [T, S] scores in HBM.
+`attend(query_chunk=c)` runs any kernel on c queries at a time (a `lax.map`), so the
+largest score matrix is [c, S]: a long prefill or retrieved block then needs T / c times
+less memory for them. (The gradient keeps every chunk's scores, as one call would.)
 """
 
 import jax
@@ -47,6 +50,7 @@ def attend(
     *,
     scale: float,
     kernel: str = "xla",
+    query_chunk: int = 0,
 ) -> jax.Array:
     """Grouped-query attention.
 
@@ -56,8 +60,24 @@ def attend(
       mask: [B, T, S] bool, True where query t may attend to key s.
       scale: multiplier of the scores (usually head_dim ** -0.5).
       kernel: registered kernel name.
+      query_chunk: c > 0: queries attend c at a time (T padded to a multiple of c);
+        0: all at once.
 
     Returns:
       [B, T, H, head_dim], dtype of query.
     """
-    return registry.lookup("attention", kernel)(query, key, value, mask, scale)
+    kernel_fn = registry.lookup("attention", kernel)
+    batch, length = query.shape[:2]
+    if query_chunk < 1 or length <= query_chunk:
+        return kernel_fn(query, key, value, mask, scale)
+    chunks = -(-length // query_chunk)
+    pad = chunks * query_chunk - length
+
+    def chunked(x, fill):  # [B, T, ...] -> [chunks, B, c, ...]
+        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2), constant_values=fill)
+        return jnp.moveaxis(x.reshape(batch, chunks, query_chunk, *x.shape[2:]), 1, 0)
+
+    # Padded queries (outputs dropped) see every key: no kernel meets a row with nothing to attend to.
+    out = jax.lax.map(lambda qm: kernel_fn(qm[0], key, value, qm[1], scale),
+                      (chunked(query, 0), chunked(mask, True)))
+    return jnp.moveaxis(out, 0, 1).reshape(batch, chunks * query_chunk, *out.shape[3:])[:, :length]

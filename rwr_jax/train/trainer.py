@@ -77,7 +77,8 @@ def read_model_config(cfg) -> tuple[DecoderConfig | VLConfig, dict]:
     read), or the demo model's."""
     checkpoint = cfg.model.checkpoint
     if checkpoint:
-        numerics = {k: cfg.model[k] for k in ("dtype", "param_dtype", "attention_kernel", "remat_policy")}
+        numerics = {k: cfg.model[k] for k in ("dtype", "param_dtype", "attention_kernel", "attention_query_chunk",
+                                              "remat_policy")}
         path = os.path.join(checkpoint, "config.json")
         is_vl = os.path.isfile(path) and "vision_config" in open(path).read()
         return (read_vl_config if is_vl else read_hf_config)(checkpoint, **numerics)

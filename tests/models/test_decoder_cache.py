@@ -16,6 +16,9 @@ CONFIGS = {
     "mrope_tied": DecoderConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=2,
                                 num_kv_heads=1, mrope_section=(2, 3, 3), tie_word_embeddings=True,
                                 qkv_bias=False),
+    # Attention on 4 queries at a time: prefills and chunks of 2..9 tokens, padded to multiples of 4.
+    "qwen2_query_chunks": DecoderConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2,
+                                        num_heads=4, num_kv_heads=2, attention_query_chunk=4),
 }
 
 

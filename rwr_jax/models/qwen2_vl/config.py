@@ -50,6 +50,9 @@ class DecoderConfig:
       dtype: compute dtype of activations ("float32" or "bfloat16").
       param_dtype: storage dtype of parameters.
       attention_kernel: name in the "attention" registry (see models/attention.py).
+      attention_query_chunk: queries per attention call (`attention.attend`): a
+        prefill or retrieved block of T tokens forms [chunk, S] scores at a time, not
+        [T, S]; 0 = all at once.
       remat_policy: rematerialisation of decoder blocks: "none", "full" or
         "dots_saveable" (a `jax.checkpoint_policies` name).
     """
@@ -70,6 +73,7 @@ class DecoderConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention_kernel: str = "xla"
+    attention_query_chunk: int = 0
     remat_policy: str = "none"
 
     def __post_init__(self):
@@ -86,6 +90,9 @@ class DecoderConfig:
             raise ValueError(
                 f"DecoderConfig.num_heads ({self.num_heads}) must be a multiple of "
                 f"num_kv_heads ({self.num_kv_heads})")
+        if not isinstance(self.attention_query_chunk, int) or self.attention_query_chunk < 0:
+            raise ValueError(f"DecoderConfig.attention_query_chunk must be an int >= 0 (0 = off), got "
+                             f"{self.attention_query_chunk!r}")
         if self.head_dim % 2:
             raise ValueError(f"DecoderConfig.head_dim must be even for RoPE, got {self.head_dim}")
         if self.mrope_section is not None and sum(self.mrope_section) != self.head_dim // 2:

@@ -59,7 +59,8 @@ class Attention(nn.Module):
                        for c, new in zip(kv, (k, v)))
             # [B, K, S, hd] -> the kernels' [B, S, K, hd] (the "xla" kernel transposes back: no copy).
             k, v = (c.transpose(0, 2, 1, 3).astype(q.dtype) for c in kv)
-        out = attention.attend(q, k, v, mask, scale=c.head_dim ** -0.5, kernel=c.attention_kernel)
+        out = attention.attend(q, k, v, mask, scale=c.head_dim ** -0.5, kernel=c.attention_kernel,
+                               query_chunk=c.attention_query_chunk)
         if pack_index is not None:
             out = packing.pack(out, pack_index)
         out = nn.with_logical_constraint(
