@@ -153,7 +153,8 @@ def test_a_cache_that_fills_up_is_compacted_and_the_rollout_unchanged(monkeypatc
 
     def every_round(config, prompt_length, max_retrieved_tokens):
         chunk = -(-(max_retrieved_tokens + 1) // config.extend_bucket) * config.extend_bucket
-        return chunk, prompt_length + config.max_rounds * config.max_new_tokens_per_round + 2 * chunk
+        rounds = config.max_rounds
+        return chunk, prompt_length + rounds * config.max_new_tokens_per_round + (rounds - 1) * chunk
 
     monkeypatch.setattr(engine, "cache_sizes", every_round)
     _, _, _, reference = _rollout(**overrides)
