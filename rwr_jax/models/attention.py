@@ -11,7 +11,9 @@ boolean mask, and never needs the caller to repeat K/V heads.
     GPUs, bf16/fp16); never materialises [T, S] scores in HBM.
 `attend(query_chunk=c)` runs any kernel on c queries at a time (a `lax.map`), so the
 largest score matrix is [c, S]: a long prefill or retrieved block then needs T / c times
-less memory for them. (The gradient keeps every chunk's scores, as one call would.)
+less memory for them. Not a saving for a gradient: XLA keeps every chunk's scores (a 7B
+update planned with c = 256 needed more memory than without, see README), so it is off
+(`DecoderConfig.attention_query_chunk` = 0) unless a config turns it on.
 """
 
 import jax
