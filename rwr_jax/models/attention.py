@@ -11,10 +11,13 @@ boolean mask, and never needs the caller to repeat K/V heads.
     GPUs, bf16/fp16); never materialises [T, S] scores in HBM.
 `attend(query_chunk=c)` runs any kernel on c queries at a time (a `lax.map`), so the
 largest score matrix is [c, S]: a long prefill or retrieved block then needs T / c times
-less memory for them. Not a saving for a gradient: XLA keeps every chunk's scores (a 7B
-update planned with c = 256 needed more memory than without, see README), so it is off
-(`DecoderConfig.attention_query_chunk` = 0) unless a config turns it on.
+less memory for them. Its gradient (a custom VJP) keeps only q, k, v and the mask, and
+goes back chunk by chunk, recomputing each chunk's attention (one more forward of the
+attention, as flash attention's backward does) and summing dK and dV in float32: an
+update's attention memory is one chunk's too.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -80,6 +83,35 @@ def attend(
         return jnp.moveaxis(x.reshape(batch, chunks, query_chunk, *x.shape[2:]), 1, 0)
 
     # Padded queries (outputs dropped) see every key: no kernel meets a row with nothing to attend to.
-    out = jax.lax.map(lambda qm: kernel_fn(qm[0], key, value, qm[1], scale),
-                      (chunked(query, 0), chunked(mask, True)))
+    out = _chunked_attention(kernel_fn, scale, chunked(query, 0), key, value, chunked(mask, True))
     return jnp.moveaxis(out, 0, 1).reshape(batch, chunks * query_chunk, *out.shape[3:])[:, :length]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _chunked_attention(kernel_fn, scale, query_chunks, key, value, mask_chunks):
+    """[chunks, B, c, H, head_dim] outputs of `kernel_fn` on each chunk of queries (`lax.map`)."""
+    return jax.lax.map(lambda qm: kernel_fn(qm[0], key, value, qm[1], scale), (query_chunks, mask_chunks))
+
+
+def _chunked_attention_fwd(kernel_fn, scale, query_chunks, key, value, mask_chunks):
+    # Only the inputs are kept for the gradient: no chunk's scores outlive its own step.
+    return _chunked_attention(kernel_fn, scale, query_chunks, key, value, mask_chunks), (
+        query_chunks, key, value, mask_chunks)
+
+
+def _chunked_attention_bwd(kernel_fn, scale, residuals, out_grad):
+    """Chunk by chunk: recompute the chunk's attention, pull its cotangent back, sum dK and dV (float32)."""
+    query_chunks, key, value, mask_chunks = residuals
+
+    def chunk_grads(kv_grads, chunk):
+        query, mask, grad = chunk
+        _, pullback = jax.vjp(lambda q, k, v: kernel_fn(q, k, v, mask, scale), query, key, value)
+        query_grad, *chunk_kv_grads = pullback(grad)
+        return tuple(total + g.astype(jnp.float32) for total, g in zip(kv_grads, chunk_kv_grads)), query_grad
+
+    zeros = tuple(jnp.zeros(x.shape, jnp.float32) for x in (key, value))
+    (key_grad, value_grad), query_grads = jax.lax.scan(chunk_grads, zeros, (query_chunks, mask_chunks, out_grad))
+    return query_grads, key_grad.astype(key.dtype), value_grad.astype(value.dtype), None
+
+
+_chunked_attention.defvjp(_chunked_attention_fwd, _chunked_attention_bwd)

@@ -51,8 +51,9 @@ class DecoderConfig:
       param_dtype: storage dtype of parameters.
       attention_kernel: name in the "attention" registry (see models/attention.py).
       attention_query_chunk: queries per attention call (`attention.attend`): a
-        prefill or retrieved block of T tokens forms [chunk, S] scores at a time, not
-        [T, S]; 0 = all at once.
+        prefill, a retrieved block or an update's sequences of T tokens form [chunk, S]
+        scores at a time, not [T, S], in the forward pass and in the gradient; 0 = all
+        at once.
       remat_policy: rematerialisation of decoder blocks: "none", "full" or
         "dots_saveable" (a `jax.checkpoint_policies` name).
     """
