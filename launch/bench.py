@@ -4,6 +4,10 @@ r"""Runs benchmarks, ours vs a reference in the same process (protocol: shared B
     python launch/bench.py rollout --shapes=tiny --repeats=5
     python launch/bench.py retrieval                                     # 1M x 384 + MiniLM corpus
     python launch/bench.py retrieval --num_vectors=100000 --num_passages=5000   # quick
+    python launch/bench.py train_step --shapes=small,0.5b --dtype=bfloat16 --attention_kernel=cudnn   # a GPU
+
+On a GPU the references run there too (torch on CUDA), and JAX allocates GPU memory as it
+needs it rather than 75% of it up front, so that both sides fit.
 
 Prints the machine line first, then per benchmark (and shape) a breakdown and one
 summary line per measured pair:
@@ -16,6 +20,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the torch reference shares the GPU
 
 from absl import app, flags, logging  # noqa: E402
 
@@ -30,17 +35,22 @@ _NUM_CENTRES = flags.DEFINE_integer("num_centres", 2000, "retrieval: gaussian ce
 _NOISE = flags.DEFINE_float("noise", 0.05, "retrieval: per-dimension noise std around the unit-norm centres.")
 _NUM_QUERIES = flags.DEFINE_integer("num_queries", 1000, "retrieval: queries for recall (a prefix is timed).")
 _NUM_PASSAGES = flags.DEFINE_integer("num_passages", 10_000, "retrieval: passages of the generated corpus (0: skip).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "train_step: compute dtype of both sides (parameters stay float32).")
+_ATTENTION_KERNEL = flags.DEFINE_string("attention_kernel", "xla",
+                                        "train_step: ours, a name in the attention registry (cudnn: NVIDIA GPUs).")
 _EMBEDDER = flags.DEFINE_enum("embedder", "auto", ["auto", "flax", "sentence_transformers"],
                               "retrieval: MiniLM embedder, our Flax encoder or sentence-transformers (auto: Flax).")
 
 
-def _per_shape(module: str, function: str):
-    """A benchmark that runs `rwr_jax.bench.<module>.<function>(shape, repeats)` for each --shapes."""
+def _per_shape(module: str, function: str, **flag_kwargs: flags.FlagHolder):
+    """A benchmark that runs `rwr_jax.bench.<module>.<function>(shape, repeats, **flags' values)` for each
+    --shapes."""
     def run():
         bench = getattr(__import__(f"rwr_jax.bench.{module}", fromlist=[function]), function)
         for shape in _SHAPES.value:
             logging.info("running %s [%s]", function, shape)
-            bench(shape, _REPEATS.value)
+            bench(shape, _REPEATS.value, **{name: flag.value for name, flag in flag_kwargs.items()})
     return run
 
 
@@ -55,7 +65,7 @@ def _retrieval():
 BENCHMARKS = {
     "rollout": _per_shape("rollout", "bench_rollout"),
     "rollout_retrieval": _per_shape("rollout", "bench_rollout_retrieval"),
-    "train_step": _per_shape("train_step", "bench_train_step"),
+    "train_step": _per_shape("train_step", "bench_train_step", dtype=_DTYPE, attention_kernel=_ATTENTION_KERNEL),
     "retrieval": _retrieval,
 }
 
@@ -70,6 +80,11 @@ def main(argv):
     bad_shapes = [shape for shape in _SHAPES.value if shape not in common.SHAPES]
     if bad_shapes:
         raise app.UsageError(f"--shapes: unknown {bad_shapes}; valid shapes: {sorted(common.SHAPES)}")
+    from rwr_jax.models import attention  # pylint: disable=g-import-not-at-top (its kernels register)
+    try:
+        attention.registry.lookup("attention", _ATTENTION_KERNEL.value)
+    except LookupError as e:
+        raise app.UsageError(f"--attention_kernel: {e}") from None
     if _REPEATS.value < 1:
         raise app.UsageError(f"--repeats must be >= 1, got {_REPEATS.value}")
     packages = ("scann", "faiss-cpu") if "retrieval" in names else ()

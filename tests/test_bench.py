@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from rwr_jax.bench import common, train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,17 +31,30 @@ def test_time_interleaved_reports_first_call_median_and_phases():
 
 
 def test_launcher_rejects_unknown_names_and_shapes():
-    for args, message in ((["nope"], "unknown benchmark"), (["rollout", "--shapes=huge"], "--shapes")):
+    for args, message in ((["nope"], "unknown benchmark"), (["rollout", "--shapes=huge"], "--shapes"),
+                          (["train_step", "--attention_kernel=flash"], "--attention_kernel")):
         out = subprocess.run([sys.executable, os.path.join(REPO, "launch", "bench.py"), *args],
                              capture_output=True, text=True, check=False)
         assert out.returncode != 0 and message in out.stderr, out.stderr
 
 
-def test_train_step_batch_is_grouped_like_grpo():
-    rows = train_step.trajectories(vocab_size=100)
-    prompt = train_step.PROMPT_LENGTH
+@pytest.mark.parametrize("work", [train_step.Workload(), train_step.WORKLOADS["0.5b"]])
+def test_train_step_batch_is_grouped_like_grpo(work):
+    rows = train_step.trajectories(vocab_size=100, work=work)
+    assert rows["tokens"].shape == (work.batch, work.prompt + work.completion)
+    prompt = work.prompt
     for name in ("tokens", "token_mask", "positions"):
         grouped = rows[name][:, :prompt].reshape(-1, train_step.GROUP, prompt)
         assert (grouped == grouped[:, :1]).all(), name
     assert rows["token_mask"][:, :prompt].all(axis=1).any() and not rows["token_mask"][:, :prompt].all()
-    assert rows["loss_mask"].sum(axis=1).min() >= train_step.COMPLETION_LENGTH // 2
+    assert rows["loss_mask"].sum(axis=1).min() >= work.completion // 2
+
+
+def test_first_updates_must_agree_within_the_dtype_tolerance():
+    ours, reference = dict(loss=1.0, grad_norm=2.0, kl=0.01), dict(loss=1.0, grad_norm=2.02, kl=0.01)
+    assert "grad_norm ours 2 torch 2.02 (rel 9.9e-03)" in train_step.check_first_update(ours, reference, "bfloat16")
+    with pytest.raises(RuntimeError, match="disagree"):
+        train_step.check_first_update(ours, reference, "float32")
+    nan = dict(ours, grad_norm=float("nan"))
+    with pytest.raises(RuntimeError, match="disagree"):
+        train_step.check_first_update(nan, dict(reference, grad_norm=float("nan")), "bfloat16")

@@ -15,12 +15,16 @@ from typing import Callable
 
 import numpy as np
 
-# Hugging Face `Qwen2Config` keyword arguments of the two benchmark shapes (tiny MLP: 4 x width).
+# Hugging Face `Qwen2Config` keyword arguments of the benchmark shapes: BENCHMARKS.md's tiny
+# (MLP 4 x width) and small, and Qwen2.5-0.5B's decoder (a real size that fits a GPU twice,
+# ours and the reference's, each with its reference model and AdamW state).
 SHAPES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=256, vocab_size=1024),
     "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
                   intermediate_size=1536, vocab_size=32000),
+    "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                 intermediate_size=4864, vocab_size=151936),
 }
 
 
@@ -121,8 +125,37 @@ def time_interleaved(runs: dict[str, Callable[[Phases], object]], repeats: int,
     return first, {name: float(np.median(t)) for name, t in times.items()}, median_phases
 
 
-def random_qwen2(shape: str, seed: int = 0):
-    """A random `transformers.Qwen2ForCausalLM` of `shape` (eval mode) and our (config, params) of it.
+def full_precision_on_gpu():
+    """A context in which float32 dots on a GPU keep full precision, as torch's do by default
+    (XLA's default there is TF32); on a CPU they always do."""
+    import contextlib  # pylint: disable=g-import-not-at-top
+
+    import jax  # pylint: disable=g-import-not-at-top
+    return jax.default_matmul_precision("highest") if jax.default_backend() == "gpu" else contextlib.nullcontext()
+
+
+def torch_device() -> str:
+    """Where the PyTorch reference runs: "cuda" when JAX runs on a GPU, else "cpu"."""
+    import jax  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top
+    if jax.default_backend() != "gpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise RuntimeError("JAX runs on a GPU but this torch build sees none: the reference would run on the CPU; "
+                           "install a CUDA build of torch, or set JAX_PLATFORMS=cpu")
+    return "cuda"
+
+
+def torch_sync() -> None:
+    """Waits for queued CUDA work (a no-op on the CPU), so that a phase mark times what ran in it."""
+    import torch  # pylint: disable=g-import-not-at-top
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def random_qwen2(shape: str, seed: int = 0, **overrides):
+    """A random `transformers.Qwen2ForCausalLM` of `shape` (eval mode, on `torch_device()`) and our
+    (config, params) of it; `overrides`: our DecoderConfig fields not in the checkpoint (dtype, ...).
 
     The HF model is saved to a temporary directory and loaded with
     `convert.load_hf_params`, so both sides hold the same weights by construction.
@@ -143,6 +176,6 @@ def random_qwen2(shape: str, seed: int = 0):
     hf_model = transformers.Qwen2ForCausalLM(hf_config).eval()
     with tempfile.TemporaryDirectory() as directory:
         hf_model.save_pretrained(directory)
-        config, _ = read_hf_config(directory)
+        config, _ = read_hf_config(directory, **overrides)
         params = convert.load_hf_params(directory, config, progress=False)
-    return hf_model, config, params
+    return hf_model.to(torch_device()), config, params

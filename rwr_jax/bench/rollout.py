@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rwr_jax.bench.common import SHAPES, Phases, emit, random_qwen2, summary, time_interleaved
+from rwr_jax.bench.common import (SHAPES, Phases, emit, full_precision_on_gpu, random_qwen2, summary,
+                                  time_interleaved)
 from rwr_jax.models.qwen2_vl import convert
 from rwr_jax.rollout import engine, sampler, stop_strings
 
@@ -71,7 +72,8 @@ def logits_max_diff(s: Setup) -> float:
     """max |ours - HF| of the prompts' last-token logits (checks both sides hold the same model)."""
     import torch  # pylint: disable=g-import-not-at-top
     with torch.inference_mode():
-        ref = s.hf_model(input_ids=torch.from_numpy(s.prompts.tokens.astype(np.int64))).logits[:, -1].numpy()
+        tokens = torch.from_numpy(s.prompts.tokens.astype(np.int64)).to(s.hf_model.device)
+        ref = s.hf_model(input_ids=tokens).logits[:, -1].cpu().numpy()
     _, ours = engine.prefill_group(s.model, s.params, jnp.asarray(s.prompts.tokens), jnp.asarray(s.prompts.token_mask),
                                    jnp.asarray(s.prompts.positions), None, group_size=1, cache_length=PROMPT_LENGTH)
     return float(np.abs(np.asarray(ours) - ref).max())
@@ -158,8 +160,9 @@ def hf_generate(s: Setup, clock: Phases, threads: int):
     try:
         with torch.inference_mode():
             out = s.hf_model.generate(
-                input_ids=torch.from_numpy(s.prompts.tokens.astype(np.int64)),
-                attention_mask=torch.from_numpy(s.prompts.token_mask.astype(np.int64)), do_sample=True,
+                input_ids=torch.from_numpy(s.prompts.tokens.astype(np.int64)).to(s.hf_model.device),
+                attention_mask=torch.from_numpy(s.prompts.token_mask.astype(np.int64)).to(s.hf_model.device),
+                do_sample=True,
                 temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                 eos_token_id=None, pad_token_id=0)
     finally:
@@ -184,18 +187,19 @@ def bench_rollout(shape: str, repeats: int = 3, report: Callable[[str], None] = 
     Returns:
       The lines reported: breakdown first, then the summary lines.
     """
-    s = build_setup(shape)
-    diff = logits_max_diff(s)
-    tokens = BATCH * NEW_TOKENS
-    runs = {"ours": lambda c: _checked(ours_rollout(s, c))}
-    runs.update({f"hf_{n}t": (lambda c, n=n: hf_generate(s, c, n)) for n in hf_threads})
-    first, median, _ = time_interleaved(runs, repeats)
-    # The bandwidth probe runs between the phase-timed rollouts, so both see the same machine load.
-    width, vocab = SHAPES["small"]["hidden_size"], SHAPES["small"]["vocab_size"]
-    probes = []
-    _, _, phases = time_interleaved({"ours": lambda c: ours_rollout_phases(s, c),
-                                     "probe": lambda c: probes.append(matmul_bandwidth(width, vocab))},
-                                    repeats, sync=True)
+    with full_precision_on_gpu():
+        s = build_setup(shape)
+        diff = logits_max_diff(s)
+        tokens = BATCH * NEW_TOKENS
+        runs = {"ours": lambda c: _checked(ours_rollout(s, c))}
+        runs.update({f"hf_{n}t": (lambda c, n=n: hf_generate(s, c, n)) for n in hf_threads})
+        first, median, _ = time_interleaved(runs, repeats)
+        # The bandwidth probe runs between the phase-timed rollouts, so both see the same machine load.
+        width, vocab = SHAPES["small"]["hidden_size"], SHAPES["small"]["vocab_size"]
+        probes = []
+        _, _, phases = time_interleaved({"ours": lambda c: ours_rollout_phases(s, c),
+                                         "probe": lambda c: probes.append(matmul_bandwidth(width, vocab))},
+                                        repeats, sync=True)
     phases = phases["ours"]
     bandwidth, gflops = np.median(probes[1:], axis=0)
     hf = min((name for name in runs if name != "ours"), key=median.get)
