@@ -7,6 +7,7 @@ repeated (median reported), and each measured pair ends in one summary line
     <name> [<shape>]: ours <value> <unit> | <reference> <value> <unit> | ratio <r>x | <extra>
 """
 
+import contextlib
 import importlib.metadata
 import os
 import platform
@@ -128,8 +129,6 @@ def time_interleaved(runs: dict[str, Callable[[Phases], object]], repeats: int,
 def full_precision_on_gpu():
     """A context in which float32 dots on a GPU keep full precision, as torch's do by default
     (XLA's default there is TF32); on a CPU they always do."""
-    import contextlib  # pylint: disable=g-import-not-at-top
-
     import jax  # pylint: disable=g-import-not-at-top
     return jax.default_matmul_precision("highest") if jax.default_backend() == "gpu" else contextlib.nullcontext()
 
@@ -144,6 +143,14 @@ def torch_device() -> str:
         raise RuntimeError("JAX runs on a GPU but this torch build sees none: the reference would run on the CPU; "
                            "install a CUDA build of torch, or set JAX_PLATFORMS=cpu")
     return "cuda"
+
+
+def torch_reference_runs(prefix: str, threads: tuple[int, ...]) -> dict[str, int]:
+    """Run name -> torch threads of a reference: on a CPU one run per thread count (`<prefix>_<n>t`, the
+    fastest is the reference); on a GPU one run, `<prefix>_cuda`, whose threads only drive the device."""
+    if torch_device() == "cpu":
+        return {f"{prefix}_{n}t": n for n in threads}
+    return {f"{prefix}_cuda": threads[0]}
 
 
 def torch_sync() -> None:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rwr_jax.bench.common import (SHAPES, Phases, emit, full_precision_on_gpu, random_qwen2, summary,
-                                  time_interleaved)
+                                  time_interleaved, torch_reference_runs)
 from rwr_jax.models.qwen2_vl import convert
 from rwr_jax.rollout import engine, sampler, stop_strings
 
@@ -181,8 +181,9 @@ def bench_rollout(shape: str, repeats: int = 3, report: Callable[[str], None] = 
       shape: "tiny" or "small".
       repeats: timed repeats (median reported), >= 3 by protocol.
       report: where each result line goes (lines are also returned).
-      hf_threads: torch thread counts tried for `generate`; the fastest is the reference
-        (on an oversubscribed machine OpenMP barriers make 2 threads far slower than 1).
+      hf_threads: torch thread counts tried for `generate` on a CPU; the fastest is the reference
+        (on an oversubscribed machine OpenMP barriers make 2 threads far slower than 1). On a
+        GPU `generate` runs once (`torch_reference_runs`).
 
     Returns:
       The lines reported: breakdown first, then the summary lines.
@@ -192,7 +193,8 @@ def bench_rollout(shape: str, repeats: int = 3, report: Callable[[str], None] = 
         diff = logits_max_diff(s)
         tokens = BATCH * NEW_TOKENS
         runs = {"ours": lambda c: _checked(ours_rollout(s, c))}
-        runs.update({f"hf_{n}t": (lambda c, n=n: hf_generate(s, c, n)) for n in hf_threads})
+        runs.update({name: (lambda c, n=n: hf_generate(s, c, n))
+                     for name, n in torch_reference_runs("hf", hf_threads).items()})
         first, median, _ = time_interleaved(runs, repeats)
         # The bandwidth probe runs between the phase-timed rollouts, so both see the same machine load.
         width, vocab = SHAPES["small"]["hidden_size"], SHAPES["small"]["vocab_size"]

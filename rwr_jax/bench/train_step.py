@@ -310,8 +310,7 @@ def bench_train_step(shape: str, repeats: int = 3, report: Callable[[str], None]
         first_clock = common.Phases(sync=False)
         with compile_seconds() as compile_time:
             ours_first = ours_update(s, first_clock)
-        references = ({f"torch_{n}t": n for n in torch_threads} if common.torch_device() == "cpu"
-                      else {"torch_cuda": torch_threads[0]})
+        references = common.torch_reference_runs("torch", torch_threads)
         check = check_first_update(ours_first, torch_update(s, common.Phases(sync=False), torch_threads[0]), dtype)
         size = PEAK_SIZES.get(backend, PEAK_SIZES["gpu"])
         square = jnp.ones((size, size), jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
