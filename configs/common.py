@@ -55,6 +55,9 @@ def base(seed: int = 0) -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict(dict(save_every=100, keep=3, async_save=True))
     c.log_every = 1
     c.sample_every = 10
+    # A jax.profiler trace of steps first_step + 1 ... first_step + num_steps (0: none) in
+    # {workdir}/tensorboard, where TensorBoard's profile tab finds it; process 0 only.
+    c.profile = ml_collections.ConfigDict(dict(first_step=2, num_steps=0))
     c.export_hf = True
     # Persistent XLA compilation cache: a resumed run (crash, preemption) loads its compiled
     # programs instead of compiling them again. "" = off; JAX_COMPILATION_CACHE_DIR, if set, wins.

@@ -5,6 +5,7 @@ r"""Runs benchmarks, ours vs a reference in the same process (protocol: shared B
     python launch/bench.py retrieval                                     # 1M x 384 + MiniLM corpus
     python launch/bench.py retrieval --num_vectors=100000 --num_passages=5000   # quick
     python launch/bench.py train_step --shapes=small,0.5b --dtype=bfloat16 --attention_kernel=cudnn   # a GPU
+    python launch/bench.py train_step --shapes=small --profile_dir=/tmp/bench_profile   # + a trace of ours
 
 On a GPU the references run there too (torch on CUDA), and JAX allocates GPU memory as it
 needs it rather than 75% of it up front, so that both sides fit.
@@ -39,6 +40,8 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "train_step: compute dtype of both sides (parameters stay float32).")
 _ATTENTION_KERNEL = flags.DEFINE_string("attention_kernel", "xla",
                                         "train_step: ours, a name in the attention registry (cudnn: NVIDIA GPUs).")
+_PROFILE_DIR = flags.DEFINE_string("profile_dir", "", "train_step: trace one more update of ours with jax.profiler "
+                                   "into this directory (xprof / TensorBoard's profile tab).")
 _EMBEDDER = flags.DEFINE_enum("embedder", "auto", ["auto", "flax", "sentence_transformers"],
                               "retrieval: MiniLM embedder, our Flax encoder or sentence-transformers (auto: Flax).")
 
@@ -65,7 +68,8 @@ def _retrieval():
 BENCHMARKS = {
     "rollout": _per_shape("rollout", "bench_rollout"),
     "rollout_retrieval": _per_shape("rollout", "bench_rollout_retrieval"),
-    "train_step": _per_shape("train_step", "bench_train_step", dtype=_DTYPE, attention_kernel=_ATTENTION_KERNEL),
+    "train_step": _per_shape("train_step", "bench_train_step", dtype=_DTYPE, attention_kernel=_ATTENTION_KERNEL,
+                            profile_dir=_PROFILE_DIR),
     "retrieval": _retrieval,
 }
 

@@ -289,7 +289,7 @@ def check_first_update(ours: dict[str, float], reference: dict[str, float], dtyp
 
 def bench_train_step(shape: str, repeats: int = 3, report: Callable[[str], None] = common.emit,
                      torch_threads: tuple[int, ...] = (1, 2), dtype: str = "float32",
-                     attention_kernel: str = "xla") -> list[str]:
+                     attention_kernel: str = "xla", profile_dir: str = "") -> list[str]:
     """Ours vs the PyTorch reference update: tokens/s, fraction of matmul peak, breakdown.
 
     Args:
@@ -300,6 +300,8 @@ def bench_train_step(shape: str, repeats: int = 3, report: Callable[[str], None]
         a GPU the reference is the one CUDA run).
       dtype: compute dtype of both sides, "float32" or "bfloat16" (parameters float32).
       attention_kernel: ours, from the "attention" registry ("cudnn": NVIDIA GPUs, bfloat16).
+      profile_dir: if set, one more update of ours (as the trainer runs it), after the timed
+        ones, is traced there with `jax.profiler` (xprof / TensorBoard's profile tab).
 
     Returns:
       The lines reported: breakdown first, then the summary lines.
@@ -321,6 +323,9 @@ def bench_train_step(shape: str, repeats: int = 3, report: Callable[[str], None]
                 "ours_reference_forward": lambda c: forward_logprobs(s.model, s.ref_params, s.rows).block_until_ready(),
                 **{f"peak_{name}": (lambda c, f=f: matmul_probe(square, c, f)) for name, f in libraries.items()}}
         _, median, phases = common.time_interleaved(runs, repeats)
+        if profile_dir:
+            with jax.profiler.trace(profile_dir):
+                ours_update(s, common.Phases(sync=False))
     torch_best = min(references, key=median.get)
     peak = PEAK_CALLS * 2 * size ** 3 / min(median[f"peak_{name}"] for name in libraries) / 1e9
     lines = [

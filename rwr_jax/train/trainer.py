@@ -34,7 +34,8 @@ from rwr_jax.models.qwen2_vl.vision import VisionConfig
 from rwr_jax.rl import advantages as advantages_lib, losses, parser, rewards
 from rwr_jax.rollout import engine, sampler, stop_strings
 from rwr_jax.rollout.trajectory import FINISH_REASONS, Passage
-from rwr_jax.train import checkpoint, format_prior, multihost, optimizer as optimizer_lib, scoring, visual_scoring
+from rwr_jax.train import (checkpoint, format_prior, multihost, optimizer as optimizer_lib, profiling, scoring,
+                           visual_scoring)
 from rwr_jax.train.metrics import MetricWriter
 from rwr_jax.train.step import (TrainState, _embeds, _image_features, batch_shard_groups, packed_sizes,
                                 shared_prompt_group, train_step)
@@ -322,8 +323,19 @@ def train(cfg, workdir: str, *, stop_after: int | None = None,
         return _train(cfg, workdir, c, stop_after)
 
 
+def make_profiler(cfg, logdir: str, total_steps: int) -> profiling.ProfileWindow | None:
+    """The `cfg.profile` window (None when num_steps is 0), traced into `logdir` by process 0
+    only; the window is checked on every process."""
+    if not cfg.profile.num_steps:
+        return None
+    window = profiling.ProfileWindow(logdir, cfg.profile.first_step, cfg.profile.num_steps, total_steps)
+    return window if jax.process_index() == 0 else None
+
+
 def _train(cfg, workdir: str, c: Components, stop_after: int | None) -> TrainState:
-    writer = MetricWriter(os.path.join(workdir, "tensorboard"))
+    logdir = os.path.join(workdir, "tensorboard")
+    writer = MetricWriter(logdir)
+    profiler = make_profiler(cfg, logdir, c.total_steps)
     manager = checkpoint.make_manager(checkpoint.CheckpointConfig(
         directory=os.path.join(workdir, "checkpoints"), save_every=cfg.checkpoint.save_every,
         keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save))
@@ -378,6 +390,8 @@ def _train(cfg, workdir: str, c: Components, stop_after: int | None) -> TrainSta
                 writer.write_scalars(step + 1, metrics)
             if (step + 1) % cfg.sample_every == 0:
                 writer.write_texts(step + 1, {"sample": sample})
+            if profiler is not None:
+                profiler.after_step(step + 1)
             give_up = skipped >= cfg.optimizer.max_consecutive_nonfinite
             checkpoint.save(manager, step + 1, state, iterator, {"elapsed_s": elapsed},
                             force=step + 1 == c.total_steps or give_up)
@@ -393,6 +407,8 @@ def _train(cfg, workdir: str, c: Components, stop_after: int | None) -> TrainSta
             _checkpoint_failed_run(manager, state, iterator, position)
         raise
     finally:
+        if profiler is not None:
+            profiler.stop()
         manager.wait_until_finished()
         writer.close()
     if (int(state.step) == c.total_steps or exhausted) and cfg.export_hf:

@@ -5,6 +5,7 @@ The test process has 8 fake CPU devices (conftest.py); in-process runs use one o
 """
 
 import functools
+import glob
 import os
 import subprocess
 import sys
@@ -93,6 +94,28 @@ def test_resume_is_bitwise_identical(tmp_path, monkeypatch):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     for a, b in zip(jax.tree_util.tree_leaves(resumed.opt_state), jax.tree_util.tree_leaves(straight.opt_state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+def test_profile_window_traces_its_steps_into_the_tensorboard_logdir(tmp_path):
+    """profile.first_step 1, num_steps 1 of 2 steps: one jax.profiler trace, of step 2 (its
+    update program in it), where TensorBoard's profile tab looks."""
+    cfg = _config(2, profile__first_step=1, profile__num_steps=1, rollout__max_rounds=1)
+    trainer.train(cfg, str(tmp_path), devices=ONE_DEVICE)
+    traces = glob.glob(str(tmp_path / "tensorboard" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+    assert len(traces) == 1, traces
+    with open(traces[0], "rb") as f:
+        assert b"train_step" in f.read()
+
+
+def test_profile_config_makes_the_window():
+    cfg = _config(4)
+    assert trainer.make_profiler(cfg, "unused", total_steps=4) is None  # num_steps 0: off
+    cfg.profile.first_step, cfg.profile.num_steps = 1, 3
+    assert trainer.make_profiler(cfg, "unused", total_steps=4).num_steps == 3
+    cfg.profile.first_step = 2
+    with pytest.raises(ValueError, match="profile.first_step=2, profile.num_steps=3"):
+        trainer.make_profiler(cfg, "unused", total_steps=4)
 
 
 @pytest.mark.slow
