@@ -18,8 +18,7 @@ import json
 import os
 from typing import Any
 
-import jax.numpy as jnp
-
+from rwr_jax.models.numerics import Numerics
 from rwr_jax.models.text_encoder.config import EncoderConfig
 from rwr_jax.models.text_encoder.config import from_hf_config as encoder_from_hf_config
 
@@ -27,7 +26,6 @@ from rwr_jax.models.text_encoder.config import from_hf_config as encoder_from_hf
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh")
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # timm ViT names (open_clip `timm_model_name`) -> the ClipVisionConfig fields they fix.
 TIMM_VITS = {
     "vit_base_patch16_224": dict(hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12,
@@ -134,7 +132,7 @@ class ClipTextConfig(_TowerConfig):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ClipConfig:
+class ClipConfig(Numerics):
     """A CLIP dual encoder: both towers, the shared embedding space and numerics.
 
     Attributes:
@@ -165,20 +163,7 @@ class ClipConfig:
             if len(value) != self.vision.num_channels:
                 raise ValueError(f"ClipConfig.{name} must hold {self.vision.num_channels} values, got {value}")
             object.__setattr__(self, name, value)
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in _DTYPES:
-                raise ValueError(f"ClipConfig.{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
-
-    @property
-    def jnp_dtype(self):
-        return _DTYPES[self.dtype]
-
-    @property
-    def jnp_param_dtype(self):
-        return _DTYPES[self.param_dtype]
-
-    def replace(self, **changes: Any) -> "ClipConfig":
-        return dataclasses.replace(self, **changes)
+        self.check_dtypes()
 
 
 def _tower_fields(hf: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import json
 import os
 from typing import Any
 
-import jax.numpy as jnp
+from rwr_jax.models.numerics import Numerics
 
 # model_type -> (q/k/v bias, o bias) for families whose bias layout is fixed.
 _FIXED_BIAS = {
@@ -24,11 +24,10 @@ _FIXED_BIAS = {
 }
 _LLAMA_FAMILY = ("llama", "mistral")
 SUPPORTED_MODEL_TYPES = tuple(_FIXED_BIAS) + _LLAMA_FAMILY
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DecoderConfig:
+class DecoderConfig(Numerics):
     """Hyperparameters of a Qwen2 / Llama-style decoder-only language model.
 
     Attributes:
@@ -100,25 +99,11 @@ class DecoderConfig:
             raise ValueError(
                 f"DecoderConfig.mrope_section must sum to head_dim // 2 = {self.head_dim // 2}, "
                 f"got {self.mrope_section} (sum {sum(self.mrope_section)})")
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in _DTYPES:
-                raise ValueError(
-                    f"DecoderConfig.{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
+        self.check_dtypes()
         if self.remat_policy not in ("none", "full", "dots_saveable", "nothing_saveable"):
             raise ValueError(
                 "DecoderConfig.remat_policy must be one of 'none', 'full', 'dots_saveable', "
                 f"'nothing_saveable', got {self.remat_policy!r}")
-
-    @property
-    def jnp_dtype(self):
-        return _DTYPES[self.dtype]
-
-    @property
-    def jnp_param_dtype(self):
-        return _DTYPES[self.param_dtype]
-
-    def replace(self, **changes: Any) -> "DecoderConfig":
-        return dataclasses.replace(self, **changes)
 
 
 def _rope_settings(text: dict[str, Any], where: str) -> tuple[float, tuple[int, ...] | None]:

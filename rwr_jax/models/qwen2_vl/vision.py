@@ -21,12 +21,10 @@ import numpy as np
 
 from rwr_jax.models import attention, rope
 from rwr_jax.models.layers import Projection, RMSNorm
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
+from rwr_jax.models.numerics import Numerics
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class VisionConfig:
+class VisionConfig(Numerics):
     """Hyperparameters of the Qwen2.5-VL vision tower.
 
     Attributes:
@@ -75,6 +73,7 @@ class VisionConfig:
         bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
         if bad:
             raise ValueError(f"VisionConfig.fullatt_block_indexes {bad} are outside 0..{self.depth - 1}")
+        self.check_dtypes()
 
     @property
     def head_dim(self) -> int:
@@ -88,9 +87,6 @@ class VisionConfig:
     @property
     def merge_unit(self) -> int:
         return self.spatial_merge_size ** 2
-
-    def replace(self, **changes) -> "VisionConfig":
-        return dataclasses.replace(self, **changes)
 
 
 def vision_config_from_hf(vision: dict, **overrides) -> VisionConfig:
@@ -210,7 +206,7 @@ class VisionAttention(nn.Module):
     def __call__(self, x, cos, sin, mask):
         """[N, P, D] -> [N, P, D]; cos/sin [N, P, head_dim]; mask [N, P, P] bool."""
         c = self.config
-        dtype, param_dtype = _DTYPES[c.dtype], _DTYPES[c.param_dtype]
+        dtype, param_dtype = c.jnp_dtype, c.jnp_param_dtype
         qkv = Projection("npd,dshk->npshk", (c.hidden_size, 3, c.num_heads, c.head_dim),
                          ("embed", "qkv", "heads", "head_dim"), bias_axes=("qkv", "heads", "head_dim"),
                          dtype=dtype, param_dtype=param_dtype, name="qkv")(x)
@@ -232,7 +228,7 @@ class VisionMLP(nn.Module):
     def __call__(self, x):
         """[N, P, D] -> [N, P, D]."""
         c = self.config
-        dense = functools.partial(Projection, dtype=_DTYPES[c.dtype], param_dtype=_DTYPES[c.param_dtype])
+        dense = functools.partial(Projection, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype)
         gate = dense("npd,df->npf", (c.hidden_size, c.intermediate_size), ("embed", "mlp"), bias_axes=("mlp",),
                      name="gate_proj")(x)
         up = dense("npd,df->npf", (c.hidden_size, c.intermediate_size), ("embed", "mlp"), bias_axes=("mlp",),
@@ -250,8 +246,8 @@ class VisionBlock(nn.Module):
     def __call__(self, x, cos, sin, mask):
         """[N, P, D] -> [N, P, D]; mask [N, P, P] bool."""
         c = self.config
-        norm = functools.partial(RMSNorm, eps=c.rms_norm_eps, dtype=_DTYPES[c.dtype],
-                                 param_dtype=_DTYPES[c.param_dtype])
+        norm = functools.partial(RMSNorm, eps=c.rms_norm_eps, dtype=c.jnp_dtype,
+                                 param_dtype=c.jnp_param_dtype)
         x = x + VisionAttention(c, name="attn")(norm(name="norm1")(x), cos, sin, mask)
         x = x + VisionMLP(c, name="mlp")(norm(name="norm2")(x))
         return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
@@ -266,7 +262,7 @@ class PatchMerger(nn.Module):
     def __call__(self, x):
         """[N, P, D] -> [N, P / merge_unit, out_hidden_size]."""
         c = self.config
-        dtype, param_dtype = _DTYPES[c.dtype], _DTYPES[c.param_dtype]
+        dtype, param_dtype = c.jnp_dtype, c.jnp_param_dtype
         x = RMSNorm(c.rms_norm_eps, dtype, param_dtype, name="ln_q")(x)
         width = c.hidden_size * c.merge_unit
         x = x.reshape(x.shape[0], -1, width)
@@ -286,8 +282,8 @@ class PatchEmbed(nn.Module):
     def __call__(self, patches):
         """[N, P, patch_dim] -> [N, P, D]."""
         c = self.config
-        return Projection("npk,kd->npd", (c.patch_dim, c.hidden_size), ("patch", "embed"), dtype=_DTYPES[c.dtype],
-                          param_dtype=_DTYPES[c.param_dtype], name="proj")(patches)
+        return Projection("npk,kd->npd", (c.patch_dim, c.hidden_size), ("patch", "embed"), dtype=c.jnp_dtype,
+                          param_dtype=c.jnp_param_dtype, name="proj")(patches)
 
 
 class VisionTower(nn.Module):

@@ -18,7 +18,7 @@ import json
 import os
 from typing import Any
 
-import jax.numpy as jnp
+from rwr_jax.models.numerics import Numerics
 
 BERT_TYPES = ("bert",)
 ROBERTA_TYPES = ("xlm-roberta", "roberta")
@@ -26,11 +26,10 @@ SUPPORTED_MODEL_TYPES = BERT_TYPES + ROBERTA_TYPES
 POOLINGS = ("cls", "mean")
 # HF activation name -> use the tanh approximation of GELU.
 ACTIVATIONS = {"gelu": False, "gelu_new": True, "gelu_pytorch_tanh": True}
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class EncoderConfig:
+class EncoderConfig(Numerics):
     """Hyperparameters of a BERT / XLM-R encoder and its sentence embedding.
 
     Attributes:
@@ -98,25 +97,11 @@ class EncoderConfig:
                              f"got {self.hidden_act!r}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"EncoderConfig.pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in _DTYPES:
-                raise ValueError(
-                    f"EncoderConfig.{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
+        self.check_dtypes()
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
-
-    @property
-    def jnp_dtype(self):
-        return _DTYPES[self.dtype]
-
-    @property
-    def jnp_param_dtype(self):
-        return _DTYPES[self.param_dtype]
-
-    def replace(self, **changes: Any) -> "EncoderConfig":
-        return dataclasses.replace(self, **changes)
 
 
 def from_hf_config(hf: dict[str, Any], where: str = "config.json", **overrides: Any) -> EncoderConfig:
