@@ -25,7 +25,7 @@ class ProfileWindow:
         self.running = False
 
     def after_step(self, steps_done: int) -> None:
-        if steps_done == self.first_step and not self.running:
+        if steps_done == self.first_step:
             jax.profiler.start_trace(self.logdir)
             self.running = True
             logging.info("profiling steps %d-%d into %s", self.first_step + 1, self.first_step + self.num_steps,

@@ -23,6 +23,7 @@ from rwr_jax.models import attention, rope
 from rwr_jax.models.layers import Projection, RMSNorm
 from rwr_jax.models.numerics import Numerics
 
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class VisionConfig(Numerics):
     """Hyperparameters of the Qwen2.5-VL vision tower.
