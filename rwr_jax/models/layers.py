@@ -34,11 +34,29 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * x32.astype(self.dtype)
 
 
+def contract(equation: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`jnp.einsum(equation, x, kernel)` for an output of x's free axes then the kernel's,
+    contracting the shared axes in the kernel's order.
+
+    `jnp.einsum` orders contracted axes alphabetically: "btnh,nhd->btd" contracts (h, n),
+    against both operands' memory order, and XLA then copies the kernel transposed on
+    every call (a decode step copied each layer's o_proj weight).
+    """
+    inputs, output = equation.split("->")
+    x_axes, kernel_axes = inputs.split(",")
+    shared = [axis for axis in kernel_axes if axis in x_axes]
+    free = [axis for axis in x_axes + kernel_axes if axis not in shared]
+    if "".join(free) != output:
+        raise ValueError(f"{equation!r}: the output must be x's free axes then the kernel's, {''.join(free)!r}")
+    return jnp.tensordot(x, kernel, axes=([x_axes.index(a) for a in shared], [kernel_axes.index(a) for a in shared]))
+
+
 class Projection(nn.Module):
     """A linear map written as one einsum over named axes (kernel + optional bias).
 
     Used instead of `nn.DenseGeneral`, whose flat-then-reshape kernel init breaks
-    logical partitioning of multi-axis kernels under a mesh.
+    logical partitioning of multi-axis kernels under a mesh. The output's axes are x's
+    uncontracted ones then the kernel's ("btnh,nhd->btd", "btd,dnh->btnh").
     """
 
     equation: str
@@ -53,7 +71,7 @@ class Projection(nn.Module):
         """Applies `equation` to (x, kernel), then adds the bias over the trailing `bias_axes`."""
         kernel = self.param("kernel", logical_init(DEFAULT_INIT, self.kernel_axes), self.kernel_shape,
                             self.param_dtype)
-        y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        y = contract(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
         if self.bias_axes is not None:
             bias_shape = y.shape[-len(self.bias_axes):]
             bias_init = logical_init(nn.initializers.zeros_init(), self.bias_axes)
