@@ -17,7 +17,7 @@ import json
 import os
 import pickle
 import zipfile
-from typing import Iterable, Iterator, NamedTuple
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -41,16 +41,32 @@ _TORCH_STORAGES = {
 }
 
 
+def read_json(path: str) -> Any:
+    """A checkpoint directory's JSON file (config.json, an index, a preprocessor config).
+
+    Raises:
+      ValueError: not valid JSON, naming the file.
+    """
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
 def _indexed_files(checkpoint_dir: str, index_file: str, single_file: str) -> list[str] | None:
     """The files an index names (in index order), else the single file; None if neither exists.
 
     Raises:
       FileNotFoundError: a file the index names is missing.
+      ValueError: an index that is not JSON or has no "weight_map".
     """
     index_path = os.path.join(checkpoint_dir, index_file)
     if os.path.isfile(index_path):
-        with open(index_path) as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = read_json(index_path)
+        if not isinstance(weight_map, dict) or not isinstance(weight_map.get("weight_map"), dict):
+            raise ValueError(f'{index_path}: no "weight_map" (tensor name -> file) object')
+        weight_map = weight_map["weight_map"]
         paths = [os.path.join(checkpoint_dir, name) for name in dict.fromkeys(weight_map.values())]
     elif os.path.isfile(os.path.join(checkpoint_dir, single_file)):
         return [os.path.join(checkpoint_dir, single_file)]

@@ -232,8 +232,7 @@ class ClipImageEncoder:
     @classmethod
     def from_open_clip(cls, weights_path: str, open_clip_config_path: str, **kwargs: Any) -> "ClipImageEncoder":
         """The image tower of an open_clip timm-ViT checkpoint (BiomedCLIP) and its `open_clip_config.json`."""
-        with open(open_clip_config_path) as f:
-            config = open_clip_vision_config(json.load(f), where=open_clip_config_path)
+        config = open_clip_vision_config(checkpoint_io.read_json(open_clip_config_path), where=open_clip_config_path)
         return cls(config, convert.load_open_clip_image_params(weights_path, config),
                    name=os.path.basename(os.path.dirname(os.path.abspath(weights_path))),
                    weights_sha256=_files_sha256([weights_path]), **kwargs)

@@ -157,8 +157,9 @@ def test_bad_directories(tmp_path, qwen2_dir):
     with pytest.raises(FileNotFoundError, match="config.json not found"):
         read_hf_config(str(tmp_path))
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="not valid JSON"):
-        read_hf_config(str(tmp_path))
+    for read in (read_hf_config, read_vl_config):
+        with pytest.raises(ValueError, match=r"config\.json: not valid JSON"):
+            read(str(tmp_path))
     config, _ = read_hf_config(qwen2_dir)
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         convert.load_hf_params(str(tmp_path), config, progress=False)
@@ -169,6 +170,10 @@ def test_bad_directories(tmp_path, qwen2_dir):
     (broken / checkpoint_io.INDEX_FILE).write_text(json.dumps(index))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         checkpoint_io.checkpoint_files(str(broken))
+    for text in ("{not json", json.dumps({"metadata": {}})):
+        (broken / checkpoint_io.INDEX_FILE).write_text(text)
+        with pytest.raises(ValueError, match=r"index\.json: (not valid JSON|no \"weight_map\")"):
+            checkpoint_io.checkpoint_files(str(broken))
 
 
 def test_truncated_file_is_reported(qwen2_dir, tmp_path):

@@ -15,24 +15,9 @@ from rwr_jax.models.qwen2_vl.config import DecoderConfig
 from rwr_jax.models.qwen2_vl.decoder import DecoderLM
 from rwr_jax.models.qwen2_vl.model import VisionLanguageLM, VLConfig
 from rwr_jax.rl import logprobs as logprobs_lib
+from tests.rl.random_params import random_params
 
 B, T, V, PROMPT = 3, 11, 64, 4
-
-
-def _random_params(model, seed, *args, **kwargs):
-    """Random params shaped like `model.init`'s, without compiling init (slow on CPU):
-    N(0, 0.2) everywhere, RMSNorm scales 1."""
-    shapes = jax.tree_util.tree_map(lambda x: x.unbox() if hasattr(x, "unbox") else x,
-                                    jax.eval_shape(model.init, jax.random.key(0), *args, **kwargs)["params"],
-                                    is_leaf=lambda x: hasattr(x, "unbox"))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        if jax.tree_util.keystr(path).endswith("['scale']"):
-            return jnp.ones(leaf.shape, leaf.dtype)
-        return jnp.asarray(rng.normal(0.0, 0.2, leaf.shape), leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def _inputs(seed=0):
@@ -52,7 +37,7 @@ def _decoder(tie=False):
                            num_kv_heads=2, tie_word_embeddings=tie)  # no width equals V (shape test below)
     model = DecoderLM(config)
     tokens, positions, mask, _ = _inputs()
-    return model, _random_params(model, 1, tokens, positions, mask)
+    return model, random_params(model, 1, tokens, positions, mask)
 
 
 def _reference(model, params, tokens, positions, mask, targets, **kwargs):
@@ -225,7 +210,7 @@ def test_vision_language_model_with_images():
     tokens, mask = jnp.asarray(tokens), jnp.ones((1, T), bool)
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (3, 1, T))
     targets = jnp.roll(tokens, -1, axis=1)
-    params = _random_params(model, 0, tokens, positions, mask, images=images)
+    params = random_params(model, 0, tokens, positions, mask, images=images)
 
     @jax.jit
     def run(params):

@@ -17,6 +17,7 @@ from rwr_jax.rl import logprobs as logprobs_lib
 from rwr_jax.rl.losses import LossConfig, add_terms, loss_diagnostics, per_token_loss, policy_loss
 from rwr_jax.rollout import sampler
 from rwr_jax.rollout.trajectory import Trajectory
+from tests.rl.random_params import random_params
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 MAX_LEN = 16
@@ -209,7 +210,7 @@ def tiny_batch():
                            num_kv_heads=2)
     model = DecoderLM(config)
     dummy = jnp.zeros((1, 4), jnp.int32)
-    params = _random_params(model, 0, dummy, dummy, dummy >= 0)
+    params = random_params(model, 0, dummy, dummy, dummy >= 0)
     rng = np.random.default_rng(0)
     prompt_len = rng.integers(1, PROMPT + 1, ROWS)
     prompt_mask = np.arange(PROMPT)[None] >= PROMPT - prompt_len[:, None]
@@ -231,22 +232,6 @@ def tiny_batch():
     batch["old"] = (current + rng.normal(0, 0.3, current.shape)).astype(np.float32)  # mu > 1: clipping active
     batch["ref"] = (current + rng.normal(0, 0.3, current.shape)).astype(np.float32)
     return model, params, batch
-
-
-def _random_params(model, seed, *args, **kwargs):
-    """Random params shaped like `model.init`'s, without compiling init (slow on CPU):
-    N(0, 0.2) everywhere, RMSNorm scales 1."""
-    shapes = jax.tree_util.tree_map(lambda x: x.unbox() if hasattr(x, "unbox") else x,
-                                    jax.eval_shape(model.init, jax.random.key(0), *args, **kwargs)["params"],
-                                    is_leaf=lambda x: hasattr(x, "unbox"))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        if jax.tree_util.keystr(path).endswith("['scale']"):
-            return jnp.ones(leaf.shape, leaf.dtype)
-        return jnp.asarray(rng.normal(0.0, 0.2, leaf.shape), leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def _logprobs(model, params, b):

@@ -14,10 +14,10 @@ LayerNorm eps is 1e-6 with erf GELU.
 """
 
 import dataclasses
-import json
 import os
 from typing import Any
 
+from rwr_jax.models.checkpoint_io import read_json
 from rwr_jax.models.numerics import Numerics
 from rwr_jax.models.text_encoder.config import EncoderConfig
 from rwr_jax.models.text_encoder.config import from_hf_config as encoder_from_hf_config
@@ -216,14 +216,6 @@ def from_hf_config(hf: dict[str, Any], where: str = "config.json", **overrides: 
     return ClipConfig(**fields)
 
 
-def _read_json(path: str) -> Any:
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
 def read_clip_config(checkpoint_dir: str, **overrides: Any) -> ClipConfig:
     """Reads `<checkpoint_dir>/config.json` and, if present, `preprocessor_config.json`.
 
@@ -240,10 +232,10 @@ def read_clip_config(checkpoint_dir: str, **overrides: Any) -> ClipConfig:
     settings: dict[str, Any] = {}
     pre_path = os.path.join(checkpoint_dir, "preprocessor_config.json")
     if os.path.isfile(pre_path):
-        pre = _read_json(pre_path)
+        pre = read_json(pre_path)
         settings = {k: tuple(pre[k]) for k in ("image_mean", "image_std") if k in pre}
-    config = from_hf_config(_read_json(path), where=path, **{**settings, **overrides})
-    crop = _read_json(pre_path).get("crop_size") if os.path.isfile(pre_path) else None
+    config = from_hf_config(read_json(path), where=path, **{**settings, **overrides})
+    crop = read_json(pre_path).get("crop_size") if os.path.isfile(pre_path) else None
     crop = crop.get("height") if isinstance(crop, dict) else crop
     if crop is not None and crop != config.vision.image_size:
         raise ValueError(f"{pre_path}: crop_size {crop} differs from vision_config.image_size "

@@ -8,10 +8,10 @@ transformers 4.x layout (flat keys, `rope_theta`, `rope_scaling`) and the 5.x la
 """
 
 import dataclasses
-import json
 import os
 from typing import Any
 
+from rwr_jax.models.checkpoint_io import read_json
 from rwr_jax.models.numerics import Numerics
 
 # model_type -> (q/k/v bias, o bias) for families whose bias layout is fixed.
@@ -176,9 +176,5 @@ def read_hf_config(checkpoint_dir: str, **overrides: Any) -> tuple[DecoderConfig
     path = os.path.join(checkpoint_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: model.checkpoint must be a Hugging Face checkpoint directory")
-    with open(path) as f:
-        try:
-            hf = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    hf = read_json(path)
     return from_hf_config(hf, where=path, **overrides), hf

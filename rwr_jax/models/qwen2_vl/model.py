@@ -7,13 +7,13 @@ calls pass no images and use the cache like the text-only decoder.
 """
 
 import dataclasses
-import json
 import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from rwr_jax.models.checkpoint_io import read_json
 from rwr_jax.models.qwen2_vl.config import DecoderConfig, from_hf_config
 from rwr_jax.models.qwen2_vl.decoder import DecoderLM
 from rwr_jax.models.qwen2_vl.vision import VisionConfig, VisionInputs, VisionTower, merged_token_mask, \
@@ -78,8 +78,7 @@ def read_vl_config(checkpoint_dir: str, **overrides: Any) -> tuple[VLConfig, dic
     path = os.path.join(checkpoint_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: model.checkpoint must be a Hugging Face checkpoint directory")
-    with open(path) as f:
-        hf = json.load(f)
+    hf = read_json(path)
     return vl_config_from_hf(hf, where=path, **overrides), hf
 
 

@@ -14,10 +14,10 @@ and gives padding the id pad_token_id.
 """
 
 import dataclasses
-import json
 import os
 from typing import Any
 
+from rwr_jax.models.checkpoint_io import read_json
 from rwr_jax.models.numerics import Numerics
 
 BERT_TYPES = ("bert",)
@@ -147,14 +147,6 @@ def from_hf_config(hf: dict[str, Any], where: str = "config.json", **overrides: 
     return EncoderConfig(**fields)
 
 
-def _read_json(path: str) -> Any:
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
 def _pooling_mode(pooling: dict[str, Any], where: str) -> str:
     """The single pooling mode of a sentence-transformers Pooling config (new or legacy keys)."""
     if pooling.get("include_prompt", True) is False:
@@ -180,18 +172,18 @@ def sentence_transformers_settings(checkpoint_dir: str) -> dict[str, Any]:
     modules_path = os.path.join(checkpoint_dir, "modules.json")
     if not os.path.isfile(modules_path):
         return {}
-    modules = _read_json(modules_path)
+    modules = read_json(modules_path)
     settings: dict[str, Any] = {"normalize": any(m.get("type", "").endswith("Normalize") for m in modules)}
     for module in modules:
         if module.get("type", "").endswith("Pooling"):
             path = os.path.join(checkpoint_dir, module.get("path", ""), "config.json")
-            settings["pooling"] = _pooling_mode(_read_json(path), path)
+            settings["pooling"] = _pooling_mode(read_json(path), path)
     bert_config = os.path.join(checkpoint_dir, "sentence_bert_config.json")
-    if os.path.isfile(bert_config) and _read_json(bert_config).get("max_seq_length"):
-        settings["max_length"] = int(_read_json(bert_config)["max_seq_length"])
+    if os.path.isfile(bert_config) and read_json(bert_config).get("max_seq_length"):
+        settings["max_length"] = int(read_json(bert_config)["max_seq_length"])
     st_config = os.path.join(checkpoint_dir, "config_sentence_transformers.json")
     if os.path.isfile(st_config):
-        query_prompt = (_read_json(st_config).get("prompts") or {}).get("query")
+        query_prompt = (read_json(st_config).get("prompts") or {}).get("query")
         if query_prompt:
             settings["query_instruction"] = query_prompt
     return settings
@@ -216,4 +208,4 @@ def read_encoder_config(checkpoint_dir: str, **overrides: Any) -> EncoderConfig:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: the text encoder must be a Hugging Face checkpoint directory")
     settings = {**sentence_transformers_settings(checkpoint_dir), **overrides}
-    return from_hf_config(_read_json(path), where=path, **settings)
+    return from_hf_config(read_json(path), where=path, **settings)
