@@ -12,9 +12,10 @@ import jax
 class ProfileWindow:
     """Traces steps first_step + 1 ... first_step + num_steps into `logdir`.
 
-    Call `after_step(steps_done)` after every step, once its results are on the host (so the
-    trace holds whole steps), and `stop()` when the run ends for any reason: a run that stops
-    inside the window keeps the trace of the steps it did.
+    Call `begin(steps_done)` once before the run's first step, `after_step(steps_done)` after
+    every step, once its results are on the host (so the trace holds whole steps), and
+    `stop()` when the run ends for any reason: a run that stops inside the window keeps the
+    trace of the steps it did, and a run resumed inside it traces the steps left.
     """
 
     def __init__(self, logdir: str, first_step: int, num_steps: int, total_steps: int):
@@ -24,14 +25,29 @@ class ProfileWindow:
         self.logdir, self.first_step, self.num_steps = logdir, first_step, num_steps
         self.running = False
 
+    @property
+    def last_step(self) -> int:
+        return self.first_step + self.num_steps
+
+    def begin(self, steps_done: int) -> None:
+        """Starts the trace if a run resumed after `steps_done` steps is inside the window (0 on a
+        fresh run); says so if it is past it."""
+        if self.first_step <= steps_done < self.last_step:
+            self._start(steps_done)
+        elif steps_done >= self.last_step:
+            logging.warning("the run resumed after step %d, past the profile window (steps %d-%d): nothing is "
+                            "profiled", steps_done, self.first_step + 1, self.last_step)
+
     def after_step(self, steps_done: int) -> None:
         if steps_done == self.first_step:
-            jax.profiler.start_trace(self.logdir)
-            self.running = True
-            logging.info("profiling steps %d-%d into %s", self.first_step + 1, self.first_step + self.num_steps,
-                         self.logdir)
-        elif steps_done == self.first_step + self.num_steps:
+            self._start(steps_done)
+        elif steps_done == self.last_step:
             self.stop()
+
+    def _start(self, steps_done: int) -> None:
+        jax.profiler.start_trace(self.logdir)
+        self.running = True
+        logging.info("profiling steps %d-%d into %s", steps_done + 1, self.last_step, self.logdir)
 
     def stop(self) -> None:
         if self.running:
