@@ -63,11 +63,10 @@ def _indexed_files(checkpoint_dir: str, index_file: str, single_file: str) -> li
     """
     index_path = os.path.join(checkpoint_dir, index_file)
     if os.path.isfile(index_path):
-        weight_map = read_json(index_path)
-        if not isinstance(weight_map, dict) or not isinstance(weight_map.get("weight_map"), dict):
+        index = read_json(index_path)
+        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
             raise ValueError(f'{index_path}: no "weight_map" (tensor name -> file) object')
-        weight_map = weight_map["weight_map"]
-        paths = [os.path.join(checkpoint_dir, name) for name in dict.fromkeys(weight_map.values())]
+        paths = [os.path.join(checkpoint_dir, name) for name in dict.fromkeys(index["weight_map"].values())]
     elif os.path.isfile(os.path.join(checkpoint_dir, single_file)):
         return [os.path.join(checkpoint_dir, single_file)]
     else:

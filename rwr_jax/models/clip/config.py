@@ -229,13 +229,11 @@ def read_clip_config(checkpoint_dir: str, **overrides: Any) -> ClipConfig:
     path = os.path.join(checkpoint_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: the CLIP model must be a Hugging Face checkpoint directory")
-    settings: dict[str, Any] = {}
     pre_path = os.path.join(checkpoint_dir, "preprocessor_config.json")
-    if os.path.isfile(pre_path):
-        pre = read_json(pre_path)
-        settings = {k: tuple(pre[k]) for k in ("image_mean", "image_std") if k in pre}
+    pre = read_json(pre_path) if os.path.isfile(pre_path) else {}
+    settings = {k: tuple(pre[k]) for k in ("image_mean", "image_std") if k in pre}
     config = from_hf_config(read_json(path), where=path, **{**settings, **overrides})
-    crop = read_json(pre_path).get("crop_size") if os.path.isfile(pre_path) else None
+    crop = pre.get("crop_size")
     crop = crop.get("height") if isinstance(crop, dict) else crop
     if crop is not None and crop != config.vision.image_size:
         raise ValueError(f"{pre_path}: crop_size {crop} differs from vision_config.image_size "

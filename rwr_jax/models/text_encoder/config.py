@@ -179,8 +179,9 @@ def sentence_transformers_settings(checkpoint_dir: str) -> dict[str, Any]:
             path = os.path.join(checkpoint_dir, module.get("path", ""), "config.json")
             settings["pooling"] = _pooling_mode(read_json(path), path)
     bert_config = os.path.join(checkpoint_dir, "sentence_bert_config.json")
-    if os.path.isfile(bert_config) and read_json(bert_config).get("max_seq_length"):
-        settings["max_length"] = int(read_json(bert_config)["max_seq_length"])
+    max_length = read_json(bert_config).get("max_seq_length") if os.path.isfile(bert_config) else None
+    if max_length:
+        settings["max_length"] = int(max_length)
     st_config = os.path.join(checkpoint_dir, "config_sentence_transformers.json")
     if os.path.isfile(st_config):
         query_prompt = (read_json(st_config).get("prompts") or {}).get("query")
