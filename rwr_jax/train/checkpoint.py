@@ -8,6 +8,7 @@ exactly where it stopped (same params, optimiser moments, step, RNG and data).
 """
 
 import dataclasses
+import logging as python_logging
 import os
 from typing import Any
 
@@ -37,7 +38,23 @@ class CheckpointConfig:
                              f"{self.keep}")
 
 
+class OrbaxInfoFilter(python_logging.Filter):
+    """Keeps orbax's INFO records (about 25 per save: handlers, renames, timings) out of the
+    console unless --verbosity >= 1; its warnings and errors pass. `save` logs one line per
+    checkpoint itself."""
+
+    def filter(self, record: python_logging.LogRecord) -> bool:
+        return (record.levelno >= python_logging.WARNING or logging.get_verbosity() >= logging.DEBUG
+                or f"{os.sep}orbax{os.sep}" not in record.pathname)
+
+
+_ORBAX_INFO_FILTER = OrbaxInfoFilter()
+
+
 def make_manager(config: CheckpointConfig) -> ocp.CheckpointManager:
+    """An orbax CheckpointManager of the train state, the data position and run metadata
+    (orbax's INFO logs go to --verbosity=1, `OrbaxInfoFilter`)."""
+    logging.get_absl_logger().addFilter(_ORBAX_INFO_FILTER)  # once: the same filter is not added twice
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.keep, save_interval_steps=config.save_every, create=True,
         enable_async_checkpointing=config.async_save)
