@@ -347,11 +347,11 @@ def _train(cfg, workdir: str, c: Components, stop_after: int | None) -> TrainSta
         state = restored[0]
     loss_config = make_loss_config(cfg)
     start, ran, clock, exhausted = int(state.step), 0, time.perf_counter(), False
-    if profiler is not None:
-        profiler.begin(start)
     position = iterator.get_state()  # the data `state` has been trained on
     hosts = c.hosts
     try:
+        if profiler is not None:
+            profiler.begin(start)  # inside the try: the finally below stops a trace it starts
         for step in range(start, c.total_steps):
             if stop_after is not None and ran == stop_after:
                 break
