@@ -20,9 +20,9 @@ second random init, so k3 != 0) on the same GRPO batch: 2 prompts x 8 completion
 right-padded completions, random advantages; shape 0.5b: 128 + 512); the first update's
 loss and gradient norm must agree or the run fails. Also reported: FLOP/s of the
 per-row update (the same FLOPs as the reference) against a jitted square matmul in the
-compute dtype measured in the same run (2048^2 fp32 on a CPU, the faster of XLA:CPU's
-two dot libraries as in the rollout roofline; 8192^2 on a GPU, where the fraction is
-the MFU).
+compute dtype, accumulated in float32, measured in the same run (2048^2 on a CPU, the
+faster of XLA:CPU's two dot libraries as in the rollout roofline; 8192^2 on a GPU, where
+the fraction is the MFU).
 
 On a GPU (JAX's default backend) the reference runs on CUDA and both sides multiply
 float32 at full precision (no TF32). `--dtype=bfloat16` computes in bfloat16 with
@@ -250,8 +250,11 @@ def compile_seconds():
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
-# The peak probe's dot libraries: XLA:CPU's two (other backends ignore the choice and run one).
-MATMULS = {"ynnpack": jax.jit(jnp.matmul), "eigen": jax.jit(jnp.matmul, compiler_options=sampler.EIGEN_DOT_OPTIONS)}
+# The peak probe's dot libraries: XLA:CPU's two (other backends ignore the choice and run one). The product
+# accumulates and returns float32: in bfloat16, the form of the model's products (XLA:CPU runs only it on AMX).
+_PEAK_MATMUL = functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
+MATMULS = {"ynnpack": jax.jit(_PEAK_MATMUL),
+           "eigen": jax.jit(_PEAK_MATMUL, compiler_options=sampler.EIGEN_DOT_OPTIONS)}
 
 
 def matmul_probe(x: jax.Array, clock: common.Phases, matmul: Callable) -> jax.Array:

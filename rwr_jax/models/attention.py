@@ -23,6 +23,13 @@ import jax
 import jax.numpy as jnp
 
 from rwr_jax import registry
+from rwr_jax.models import cpu_dots
+
+
+# [B, K, rows, hd] x [B, K, S, hd] -> [B, K, rows, S] float32 scores; [B, K, rows, S] x [B, K, S, hd] -> [B, K, rows, hd].
+_scores = cpu_dots.on_cpu(functools.partial(jnp.einsum, "bkqh,bksh->bkqs", preferred_element_type=jnp.float32),
+                          lambda q, k: cpu_dots.matmul(q, cpu_dots.transposed(k), jnp.float32))
+_weighted_values = cpu_dots.on_cpu(functools.partial(jnp.einsum, "bkqs,bksh->bkqh"), cpu_dots.matmul)
 
 
 @registry.register("attention", "xla")
@@ -34,11 +41,11 @@ def _xla_attention(query, key, value, mask, scale):
     q = query.reshape(batch, length, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
     q = q.reshape(batch, kv_heads, group * length, head_dim)
     k, v = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
-    scores = jnp.einsum("bkqh,bksh->bkqs", q, k, preferred_element_type=jnp.float32) * scale
+    scores = _scores(q, k) * scale
     scores = scores.reshape(batch, kv_heads, group, length, -1)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype).reshape(batch, kv_heads, group * length, -1)
-    out = jnp.einsum("bkqs,bksh->bkqh", probs, v).reshape(batch, kv_heads, group, length, head_dim)
+    out = _weighted_values(probs, v).reshape(batch, kv_heads, group, length, head_dim)
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim).astype(query.dtype)
 
 

@@ -4,9 +4,14 @@ Params are boxed with logical axis names (`nn.with_logical_partitioning`), so
 `rwr_jax.sharding` maps them onto a mesh; the modules name axes only.
 """
 
+import functools
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from rwr_jax.models import cpu_dots
 
 # Initializer of kernels and embedding tables (the HF `initializer_range` default).
 DEFAULT_INIT = nn.initializers.normal(stddev=0.02)
@@ -40,15 +45,36 @@ def contract(equation: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
 
     `jnp.einsum` orders contracted axes alphabetically: "btnh,nhd->btd" contracts (h, n),
     against both operands' memory order, and XLA then copies the kernel transposed on
-    every call (a decode step copied each layer's o_proj weight).
+    every call (a decode step copied each layer's o_proj weight). In low precision on a
+    CPU, x's trailing axes and the kernel's leading ones (every equation of the ports)
+    are flattened into one `cpu_dots.matmul`.
     """
     inputs, output = equation.split("->")
     x_axes, kernel_axes = inputs.split(",")
-    shared = [axis for axis in kernel_axes if axis in x_axes]
+    shared = "".join(axis for axis in kernel_axes if axis in x_axes)
     free = [axis for axis in x_axes + kernel_axes if axis not in shared]
     if "".join(free) != output:
         raise ValueError(f"{equation!r}: the output must be x's free axes then the kernel's, {''.join(free)!r}")
-    return jnp.tensordot(x, kernel, axes=([x_axes.index(a) for a in shared], [kernel_axes.index(a) for a in shared]))
+    tensordot = functools.partial(
+        jnp.tensordot, axes=([x_axes.index(a) for a in shared], [kernel_axes.index(a) for a in shared]))
+    if not (x_axes.endswith(shared) and kernel_axes.startswith(shared)):
+        return tensordot(x, kernel)
+    return cpu_dots.on_cpu(tensordot, functools.partial(_flat_matmul, num_shared=len(shared)))(x, kernel)
+
+
+def _flat_matmul(x: jax.Array, kernel: jax.Array, num_shared: int) -> jax.Array:
+    """x's last `num_shared` axes contracted with the kernel's first ones, as one 2-D `cpu_dots.matmul`."""
+    size = math.prod(kernel.shape[:num_shared])
+    y = cpu_dots.matmul(x.reshape(-1, size), kernel.reshape(size, -1))
+    return y.reshape(*x.shape[:x.ndim - num_shared], *kernel.shape[num_shared:])
+
+
+def dense_dot_general(x, kernel, dimension_numbers, precision=None, preferred_element_type=None):
+    """`nn.Dense(dot_general=...)`: its [..., K] x [K, N] product, by `cpu_dots.matmul` in low
+    precision on a CPU."""
+    dot_general = functools.partial(jax.lax.dot_general, dimension_numbers=dimension_numbers, precision=precision,
+                                    preferred_element_type=preferred_element_type)
+    return cpu_dots.on_cpu(dot_general, cpu_dots.matmul)(x, kernel)
 
 
 class Projection(nn.Module):

@@ -21,8 +21,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rwr_jax.models import packing
+from rwr_jax.models import cpu_dots, packing
 from rwr_jax.rl import logprobs
+
+# [N, D] x [D, V] -> [N, V], differentiated by `jax.vjp` (in low precision on a CPU: `cpu_dots.matmul`).
+_HEAD_PRODUCT = cpu_dots.on_cpu(jnp.dot, cpu_dots.matmul)
 
 
 def fused_head_loss(model: nn.Module, params, hidden: jax.Array, targets: jax.Array, mask: jax.Array, loss_fn, *,
@@ -83,7 +86,7 @@ def fused_head_loss(model: nn.Module, params, hidden: jax.Array, targets: jax.Ar
 
     def one_chunk(kernel_grad, xs):
         h, t, slots = (x.reshape(groups * chunk, *x.shape[2:]) for x in xs)  # [G c, D], [G c], [G c]: 2-D dots
-        logits, head_vjp = jax.vjp(jnp.dot, h.astype(weight.dtype), weight)
+        logits, head_vjp = jax.vjp(_HEAD_PRODUCT, h.astype(weight.dtype), weight)
         logp, entropy, probs = logprobs.softmax_stats(logits, t)
         g = loss_derivative(logp, slots)
         dlogits = (-g[:, None] * probs).at[jnp.arange(groups * chunk), jnp.clip(t, 0, probs.shape[-1] - 1)].add(g)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from rwr_jax.models import attention, kv_cache, packing, rope, swiglu
-from rwr_jax.models.layers import DEFAULT_INIT, Kernel, Projection, RMSNorm, logical_init
+from rwr_jax.models.layers import DEFAULT_INIT, Kernel, Projection, RMSNorm, dense_dot_general, logical_init
 from rwr_jax.models.qwen2_vl.config import DecoderConfig
 
 _ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
@@ -177,7 +177,7 @@ class DecoderLM(nn.Module):
         if not c.tie_word_embeddings:
             self.lm_head = nn.Dense(
                 c.vocab_size, use_bias=False, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype,
-                kernel_init=logical_init(DEFAULT_INIT, ("embed", "vocab")))
+                kernel_init=logical_init(DEFAULT_INIT, ("embed", "vocab")), dot_general=dense_dot_general)
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         """[B, T] int32 -> [B, T, D] token embeddings."""
