@@ -19,8 +19,9 @@ from rwr_jax.models import cpu_dots
 _HIDDEN = ("activation_batch", "activation_length", "activation_mlp")
 
 
-def _make_swiglu(dot: Callable, transposed: Callable) -> Callable:
-    """The custom-VJP SwiGLU whose products are `dot(a, b)` and `transposed(a)` (a 2-D a.T)."""
+def _make_swiglu(dot: Callable, dot_transposed: Callable, transposed: Callable) -> Callable:
+    """The custom-VJP SwiGLU whose products are `dot(a, b)`, `dot_transposed(a, b)` (a @ b.T) and
+    `transposed(a)` (a 2-D a.T)."""
 
     @jax.custom_vjp
     def swiglu(x, gate, up, down):
@@ -34,7 +35,7 @@ def _make_swiglu(dot: Callable, transposed: Callable) -> Callable:
         x, gate, up, down, g, u = residuals
         sigmoid = jax.nn.sigmoid(g)
         silu = g * sigmoid
-        dh = nn.with_logical_constraint(dot(dy, transposed(down)), _HIDDEN)
+        dh = nn.with_logical_constraint(dot_transposed(dy, down), _HIDDEN)
         du = dh * silu
         dg = dh * u * sigmoid * (1.0 + g * (1.0 - sigmoid))
         width, features = gate.shape
@@ -43,15 +44,15 @@ def _make_swiglu(dot: Callable, transposed: Callable) -> Callable:
             return a.reshape(-1, n)
 
         x_t = transposed(flat(x, width))
-        return (dot(dg, transposed(gate)) + dot(du, transposed(up)), dot(x_t, flat(dg, features)),
+        return (dot_transposed(dg, gate) + dot_transposed(du, up), dot(x_t, flat(dg, features)),
                 dot(x_t, flat(du, features)), dot(transposed(flat(silu * u, features)), flat(dy, width)))
 
     swiglu.defvjp(forward, backward)
     return swiglu
 
 
-_swiglu = cpu_dots.on_cpu(_make_swiglu(operator.matmul, lambda a: a.T),
-                          _make_swiglu(cpu_dots.dot, cpu_dots.transposed))
+_swiglu = cpu_dots.on_cpu(_make_swiglu(operator.matmul, lambda a, b: a @ b.T, lambda a: a.T),
+                          _make_swiglu(cpu_dots.dot, cpu_dots.dot_transposed, cpu_dots.transposed))
 
 
 def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:

@@ -31,6 +31,14 @@ def test_transposed_swaps_the_last_two_axes(shape):
     np.testing.assert_array_equal(jax.jit(cpu_dots.transposed)(a), jnp.swapaxes(a, -1, -2))
 
 
+@pytest.mark.parametrize("a_shape,b_shape", [((2, 6, 16), (12, 16)), ((2, 3, 6, 16), (2, 3, 12, 16))])
+def test_dot_transposed_is_a_times_b_transposed(a_shape, b_shape):
+    a, b = _random(a_shape, 4).astype(jnp.bfloat16), _random(b_shape, 5).astype(jnp.bfloat16)
+    expected = jnp.matmul(a.astype(jnp.float32), jnp.swapaxes(b, -1, -2).astype(jnp.float32))
+    got = jax.jit(cpu_dots.dot_transposed, static_argnums=2)(a, b, jnp.float32)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)  # float32 accumulation of exact products
+
+
 @pytest.mark.parametrize("a_shape,b_shape", [((2, 6, 16), (16, 12)),  # a projection: b shared by all rows
                                              ((2, 3, 6, 16), (2, 3, 16, 12))])  # batched, as in attention
 @pytest.mark.parametrize("out_dtype", [None, jnp.float32])

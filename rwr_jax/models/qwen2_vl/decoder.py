@@ -180,8 +180,9 @@ class DecoderLM(nn.Module):
                 kernel_init=logical_init(DEFAULT_INIT, ("embed", "vocab")), dot_general=dense_dot_general)
 
     def embed(self, tokens: jax.Array) -> jax.Array:
-        """[B, T] int32 -> [B, T, D] token embeddings."""
-        return self.model.embed_tokens(tokens)
+        """[B, T] int32 -> [B, T, D] token embeddings: `nn.Embed`'s rows, cast after the lookup (it
+        casts the whole [V, D] table first, for the lookup and again for its gradient)."""
+        return jnp.take(self.model.embed_tokens.embedding, tokens, axis=0).astype(self.config.jnp_dtype)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[B, T, D] final hidden states -> [B, T, V] logits."""
