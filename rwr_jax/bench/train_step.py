@@ -27,8 +27,9 @@ the fraction is the MFU).
 On a GPU (JAX's default backend) the reference runs on CUDA and both sides multiply
 float32 at full precision (no TF32). `--dtype=bfloat16` computes in bfloat16 with
 float32 parameters on both sides (ours: the model's `dtype`; the reference:
-`torch.autocast`), as the checkpoint configs train; `--attention_kernel=cudnn` gives
-ours cuDNN flash attention (bfloat16 on NVIDIA GPUs).
+`torch.autocast`), as the checkpoint configs train (on a CPU with AMX both sides then
+run their products on it: ours through `models.cpu_dots`); `--attention_kernel=cudnn`
+gives ours cuDNN flash attention (bfloat16 on NVIDIA GPUs).
 
     python launch/bench.py train_step --shapes=small,0.5b --dtype=bfloat16 --attention_kernel=cudnn   # on a GPU
 """
