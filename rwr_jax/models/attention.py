@@ -26,7 +26,8 @@ from rwr_jax import registry
 from rwr_jax.models import cpu_dots
 
 
-# [B, K, rows, hd] x [B, K, S, hd] -> [B, K, rows, S] float32 scores; [B, K, rows, S] x [B, K, S, hd] -> [B, K, rows, hd].
+# Scores [B, K, rows, hd] x [B, K, S, hd] -> [B, K, rows, S] float32; weighted values
+# [B, K, rows, S] x [B, K, S, hd] -> [B, K, rows, hd].
 _scores = cpu_dots.on_cpu(functools.partial(jnp.einsum, "bkqh,bksh->bkqs", preferred_element_type=jnp.float32),
                           lambda q, k: cpu_dots.matmul(q, cpu_dots.transposed(k), jnp.float32))
 _weighted_values = cpu_dots.on_cpu(functools.partial(jnp.einsum, "bkqs,bksh->bkqh"), cpu_dots.matmul)
