@@ -15,6 +15,11 @@ count (`token_bucket`) keeps the number of compilations small.
 import jax
 import jax.numpy as jnp
 
+# A pack index's entries are distinct and ascending, then padded with an out-of-range slot
+# (read as 0, dropped on write): XLA need not order colliding writes (XLA:CPU otherwise
+# scatters a u32 winner index and gathers it back, per element).
+_UNIQUE_SORTED = dict(unique_indices=True, indices_are_sorted=True)
+
 
 def pack_index(token_mask: jax.Array, size: int, groups: int = 1) -> jax.Array:
     """[G, size] int32: per group of B / G rows of a [B, T] mask, the flat positions of its first
@@ -31,14 +36,17 @@ def overflows(token_mask: jax.Array, size: int, groups: int = 1) -> jax.Array:
 def pack(x: jax.Array, index: jax.Array) -> jax.Array:
     """[B, T, ...] -> [G, N, ...], each group's positions `index` ([G, N]) in order; 0 in empty slots."""
     flat = x.reshape(index.shape[0], -1, *x.shape[2:])
-    return jax.vmap(lambda rows, i: rows.at[i].get(mode="fill", fill_value=0))(flat, index)
+    return jax.vmap(lambda rows, i: rows.at[i].get(mode="fill", fill_value=0, **_UNIQUE_SORTED))(flat, index)
 
 
 def unpack(x: jax.Array, index: jax.Array, batch: int, length: int) -> jax.Array:
     """[G, N, ...] -> [B, T, ...] with x's rows at `index` and 0 at every other position."""
     per_group = batch * length // index.shape[0]
-    out = jax.vmap(lambda rows, i: jnp.zeros((per_group, *x.shape[2:]), x.dtype).at[i].set(rows, mode="drop"))(
-        x, index)
+
+    def scatter(rows, i):
+        return jnp.zeros((per_group, *x.shape[2:]), x.dtype).at[i].set(rows, mode="drop", **_UNIQUE_SORTED)
+
+    out = jax.vmap(scatter)(x, index)
     return out.reshape(batch, length, *x.shape[2:])
 
 

@@ -50,17 +50,20 @@ def rope_cos_sin(
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotates queries or keys (rotate-half convention of transformers).
+    """Rotates queries or keys (rotate-half convention of transformers), in float32.
+
+    A bfloat16 x is rotated in float32 and rounded once (transformers rounds cos and sin,
+    and each product and sum, to bfloat16; XLA:CPU, which has no bfloat16 arithmetic,
+    would convert to float32 and back around every one of those steps).
 
     Args:
       x: [B, T, N, head_dim].
-      cos, sin: [B, T, head_dim] from `rope_cos_sin`.
+      cos, sin: [B, T, head_dim] float32, from `rope_cos_sin`.
 
     Returns:
       [B, T, N, head_dim], dtype of x.
     """
-    cos = cos[:, :, None, :].astype(x.dtype)
-    sin = sin[:, :, None, :].astype(x.dtype)
-    x1, x2 = jnp.split(x, 2, axis=-1)
+    rows = x.astype(jnp.float32)
+    x1, x2 = jnp.split(rows, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return x * cos + rotated * sin
+    return (rows * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)

@@ -44,6 +44,22 @@ def test_groups_pack_their_own_rows():
     assert not packing.overflows(mask, 4, groups=2) and packing.overflows(mask, 3, groups=2)
 
 
+def test_unpack_and_pack_are_each_others_gradient():
+    """Several empty slots share one out-of-range index: they read 0 and are dropped on write (the
+    index is declared unique and sorted), in both directions and in the gradients."""
+    mask = jnp.asarray([[True, False, True], [False, False, True]])
+    index = packing.pack_index(mask, 6)
+    np.testing.assert_array_equal(index, [[0, 2, 5, 6, 6, 6]])
+    x = jnp.arange(6, dtype=jnp.float32).reshape(2, 3) + 1
+    rows = jnp.arange(6, dtype=jnp.float32).reshape(1, 6) + 10
+    pack_grad = jax.grad(lambda x: jnp.sum(packing.pack(x, index) * rows))(x)
+    np.testing.assert_array_equal(pack_grad, packing.unpack(rows, index, 2, 3))
+    np.testing.assert_array_equal(pack_grad, [[10, 0, 11], [0, 0, 12]])
+    unpack_grad = jax.grad(lambda r: jnp.sum(packing.unpack(r, index, 2, 3) * x))(rows)
+    np.testing.assert_array_equal(unpack_grad, packing.pack(x, index))
+    np.testing.assert_array_equal(unpack_grad, [[1, 3, 6, 0, 0, 0]])
+
+
 def test_token_bucket():
     assert [packing.token_bucket(n, 512) for n in (0, 1, 3, 100, 512)] == [1, 1, 4, 128, 512]
     # Above the chunk: multiples of max(chunk, 2 ** k / 4), at most 4 sizes per octave.

@@ -212,9 +212,9 @@ class VisionAttention(nn.Module):
                          ("embed", "qkv", "heads", "head_dim"), bias_axes=("qkv", "heads", "head_dim"),
                          dtype=dtype, param_dtype=param_dtype, name="qkv")(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        # transformers rotates vision q/k in float32.
-        q = rope.apply_rope(q.astype(jnp.float32), cos, sin).astype(dtype)
-        k = rope.apply_rope(k.astype(jnp.float32), cos, sin).astype(dtype)
+        # transformers rotates vision q/k in float32, as `apply_rope` does.
+        q = rope.apply_rope(q, cos, sin)
+        k = rope.apply_rope(k, cos, sin)
         out = attention.attend(q, k, v, mask, scale=c.head_dim ** -0.5, kernel=c.attention_kernel)
         return Projection("nphk,hkd->npd", (c.num_heads, c.head_dim, c.hidden_size), ("heads", "head_dim", "embed"),
                           bias_axes=("embed",), dtype=dtype, param_dtype=param_dtype, name="proj")(out)
