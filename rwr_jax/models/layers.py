@@ -70,11 +70,12 @@ def _flat_matmul(x: jax.Array, kernel: jax.Array, num_shared: int) -> jax.Array:
 
 
 def dense_dot_general(x, kernel, dimension_numbers, precision=None, preferred_element_type=None):
-    """`nn.Dense(dot_general=...)`: its [..., K] x [K, N] product, by `cpu_dots.matmul` in low
-    precision on a CPU."""
+    """`nn.Dense(dot_general=...)`: its [..., K] x [K, N] product, in `preferred_element_type` (default
+    x's dtype), by `cpu_dots.matmul` in low precision on a CPU."""
     dot_general = functools.partial(jax.lax.dot_general, dimension_numbers=dimension_numbers, precision=precision,
                                     preferred_element_type=preferred_element_type)
-    return cpu_dots.on_cpu(dot_general, cpu_dots.matmul)(x, kernel)
+    cpu = functools.partial(cpu_dots.matmul, out_dtype=preferred_element_type)
+    return cpu_dots.on_cpu(dot_general, cpu)(x, kernel)
 
 
 class Projection(nn.Module):

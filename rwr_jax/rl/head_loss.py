@@ -17,6 +17,8 @@ and the head's weight: the ones formed here), so callers differentiate it like a
 loss: the head costs 6 N V D FLOPs instead of 8, and no [N, V] array outlives its chunk.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -24,8 +26,18 @@ import jax.numpy as jnp
 from rwr_jax.models import cpu_dots, packing
 from rwr_jax.rl import logprobs
 
-# [N, D] x [D, V] -> [N, V], differentiated by `jax.vjp` (in low precision on a CPU: `cpu_dots.matmul`).
-_HEAD_PRODUCT = cpu_dots.on_cpu(jnp.dot, cpu_dots.matmul)
+# The head's three products, float32 results of compute-dtype operands (in low precision on a CPU,
+# in the form `cpu_dots` describes): logits h @ W [N, V], d hidden = dlogits @ W^T [N, D],
+# d W = h^T @ dlogits [D, V].
+_F32 = jnp.float32
+_LOGITS = cpu_dots.on_cpu(functools.partial(jnp.dot, preferred_element_type=_F32),
+                          functools.partial(cpu_dots.dot, out_dtype=_F32))
+_HIDDEN_GRAD = cpu_dots.on_cpu(
+    functools.partial(jax.lax.dot_general, dimension_numbers=(((1,), (1,)), ((), ())), preferred_element_type=_F32),
+    functools.partial(cpu_dots.dot_transposed, out_dtype=_F32))
+_WEIGHT_GRAD = cpu_dots.on_cpu(
+    functools.partial(jax.lax.dot_general, dimension_numbers=(((0,), (0,)), ((), ())), preferred_element_type=_F32),
+    lambda h, dlogits: cpu_dots.dot(cpu_dots.transposed(h), dlogits, _F32))
 
 
 def fused_head_loss(model: nn.Module, params, hidden: jax.Array, targets: jax.Array, mask: jax.Array, loss_fn, *,
@@ -86,14 +98,15 @@ def fused_head_loss(model: nn.Module, params, hidden: jax.Array, targets: jax.Ar
 
     def one_chunk(kernel_grad, xs):
         h, t, slots = (x.reshape(groups * chunk, *x.shape[2:]) for x in xs)  # [G c, D], [G c], [G c]: 2-D dots
-        logits, head_vjp = jax.vjp(_HEAD_PRODUCT, h.astype(weight.dtype), weight)
+        h = h.astype(weight.dtype)
+        logits = _LOGITS(h, weight)
         logp, entropy, probs = logprobs.softmax_stats(logits, t)
         g = loss_derivative(logp, slots)
         dlogits = (-g[:, None] * probs).at[jnp.arange(groups * chunk), jnp.clip(t, 0, probs.shape[-1] - 1)].add(g)
-        h_grad, w_grad = head_vjp(dlogits.astype(weight.dtype))
+        dlogits = dlogits.astype(weight.dtype)
+        h_grad, w_grad = _HIDDEN_GRAD(dlogits, weight), _WEIGHT_GRAD(h, dlogits)
         rows = (groups, chunk)
-        return kernel_grad + w_grad.astype(jnp.float32), (logp.reshape(rows), entropy.reshape(rows),
-                                                          h_grad.reshape(*rows, -1))
+        return kernel_grad + w_grad, (logp.reshape(rows), entropy.reshape(rows), h_grad.reshape(*rows, -1))
 
     kernel_grad, (logp, entropy, hidden_grad) = jax.lax.scan(
         one_chunk, jnp.zeros(kernel.shape, jnp.float32), chunks)

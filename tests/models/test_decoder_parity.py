@@ -29,7 +29,8 @@ def _our_logits(checkpoint_dir, tokens, mask, positions, **overrides):
     params = convert.load_hf_params(checkpoint_dir, config, progress=False)
     logits, _ = jax.jit(DecoderLM(config).apply)({"params": params}, jnp.asarray(tokens), jnp.asarray(positions),
                                         jnp.asarray(mask, bool))
-    return np.asarray(logits, np.float32)
+    assert logits.dtype == jnp.float32  # whatever the compute dtype, tied embeddings or not
+    return np.asarray(logits)
 
 
 def _max_diff(ours, ref, mask):

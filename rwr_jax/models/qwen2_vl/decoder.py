@@ -17,6 +17,8 @@ from rwr_jax.models.layers import DEFAULT_INIT, Kernel, Projection, RMSNorm, den
 from rwr_jax.models.qwen2_vl.config import DecoderConfig
 
 _ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
+# The LM head's product returns float32 logits (accumulated in float32 whatever the compute dtype).
+_FLOAT32_LOGITS = functools.partial(dense_dot_general, preferred_element_type=jnp.float32)
 
 
 class Attention(nn.Module):
@@ -177,7 +179,7 @@ class DecoderLM(nn.Module):
         if not c.tie_word_embeddings:
             self.lm_head = nn.Dense(
                 c.vocab_size, use_bias=False, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype,
-                kernel_init=logical_init(DEFAULT_INIT, ("embed", "vocab")), dot_general=dense_dot_general)
+                kernel_init=logical_init(DEFAULT_INIT, ("embed", "vocab")), dot_general=_FLOAT32_LOGITS)
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         """[B, T] int32 -> [B, T, D] token embeddings: `nn.Embed`'s rows, cast after the lookup (it
@@ -185,9 +187,9 @@ class DecoderLM(nn.Module):
         return jnp.take(self.model.embed_tokens.embedding, tokens, axis=0).astype(self.config.jnp_dtype)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """[B, T, D] final hidden states -> [B, T, V] logits."""
+        """[B, T, D] final hidden states -> [B, T, V] float32 logits."""
         if self.config.tie_word_embeddings:
-            logits = self.model.embed_tokens.attend(hidden)
+            logits = self.model.embed_tokens.attend(hidden).astype(jnp.float32)
         else:
             logits = self.lm_head(hidden)
         return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
