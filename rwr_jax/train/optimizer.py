@@ -4,8 +4,10 @@ weight decay on matrices only, frozen parameters untouched, non-finite updates s
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -22,8 +24,8 @@ class OptimizerConfig:
         Hugging Face's Trainer does (no decay on biases and norm scales).
       max_grad_norm: global-norm clip; 0 disables.
       frozen_prefixes: top-level param keys that never change (e.g. ("visual",)).
-      max_consecutive_nonfinite: after this many non-finite updates in a row the run
-        fails instead of skipping (optax.apply_if_finite).
+      max_consecutive_nonfinite: after this many non-finite updates in a row (each
+        skipped) the trainer stops the run.
     """
 
     learning_rate: float = 1e-6
@@ -53,21 +55,73 @@ def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
         decay_steps=max(config.total_steps, warmup + 1), end_value=0.0)
 
 
-def _labels(params, frozen_prefixes):
-    return {key: jax.tree_util.tree_map(lambda _: "frozen" if key in frozen_prefixes else "trained", value)
-            for key, value in params.items()}
+class SkippingAdamWState(NamedTuple):
+    """`make_optimizer`'s state: float32 moments of the trained leaves (`optax.MaskedNode()` at
+    frozen ones) and counts, as [] int32."""
+
+    count: jax.Array  # updates applied: Adam's bias correction and the schedule's step
+    mu: optax.Params
+    nu: optax.Params
+    notfinite_count: jax.Array  # non-finite updates in a row, each skipped
+    total_notfinite: jax.Array  # non-finite updates skipped in all
 
 
 def make_optimizer(config: OptimizerConfig, params) -> optax.GradientTransformation:
-    """The optax transformation for `params` (a dict whose top-level keys are modules)."""
-    decay_mask = jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
-    chain = []
-    if config.max_grad_norm:
-        chain.append(optax.clip_by_global_norm(config.max_grad_norm))
-    chain.append(optax.adamw(learning_rate_schedule(config), b1=config.b1, b2=config.b2, eps=config.eps,
-                             weight_decay=config.weight_decay, mask=decay_mask))
-    trained = optax.chain(*chain)
-    if config.frozen_prefixes:
-        trained = optax.multi_transform({"trained": trained, "frozen": optax.set_to_zero()},
-                                        _labels(params, config.frozen_prefixes))
-    return optax.apply_if_finite(trained, max_consecutive_errors=config.max_consecutive_nonfinite)
+    """The transformation for `params` (a dict whose top-level keys are modules).
+
+    The same arithmetic as `optax.apply_if_finite(optax.chain(optax.clip_by_global_norm(...),
+    optax.adamw(...)))` on the trained leaves (frozen ones: zero updates), laid out so that
+    XLA passes over each parameter once: the moments are selected (new, or old when the
+    update is skipped) before the update is computed from them. `apply_if_finite` computes
+    the update from the new moments and then selects, so XLA keeps old and new moments
+    alive and copies them (57M parameters on a 2-core CPU: 146 ms per update, against 80
+    this way). An update is skipped when the trained gradients' global norm is not
+    finite (then every moment and parameter keeps its value); with finite gradients and
+    moments Adam's update is finite. The trainer stops the run after
+    `max_consecutive_nonfinite` skips in a row.
+    """
+    trained = jax.tree_util.tree_map(lambda label: label == "trained", _labels(params, config.frozen_prefixes))
+    decay = jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+
+    def masked(tree):  # frozen leaves -> optax.MaskedNode()
+        return jax.tree_util.tree_map(lambda t, x: x if t else optax.MaskedNode(), trained, tree)
+
+    decay_weights = optax.add_decayed_weights(config.weight_decay, masked(decay))
+    learning_rate = optax.scale_by_learning_rate(learning_rate_schedule(config))
+
+    def init(params):
+        zeros = lambda *shape: jnp.zeros(shape, jnp.int32)  # noqa: E731  (distinct buffers: train_step donates each)
+        return SkippingAdamWState(count=zeros(), mu=masked(jax.tree_util.tree_map(jnp.zeros_like, params)),
+                                  nu=masked(jax.tree_util.tree_map(jnp.zeros_like, params)), notfinite_count=zeros(),
+                                  total_notfinite=zeros())
+
+    def update(grads, state, params=None):
+        if params is None:
+            raise ValueError("make_optimizer's update needs the params (weight decay)")
+        grads, trained_params = masked(grads), masked(params)
+        norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(norm)
+        if config.max_grad_norm:  # optax.clip_by_global_norm
+            grads, _ = optax.clip_by_global_norm(config.max_grad_norm).update(grads, None)
+        keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        mu = keep(optax.tree.update_moment(grads, state.mu, config.b1, 1), state.mu)  # optax.scale_by_adam
+        nu = keep(optax.tree.update_moment_per_elem_norm(grads, state.nu, config.b2, 2), state.nu)
+        count = jnp.where(finite, optax.safe_increment(state.count), state.count)
+        updates = jax.tree_util.tree_map(lambda m, v: m / (jnp.sqrt(v) + config.eps),
+                                         optax.tree.bias_correction(mu, config.b1, count),
+                                         optax.tree.bias_correction(nu, config.b2, count))
+        updates, _ = decay_weights.update(updates, decay_weights.init(trained_params), trained_params)
+        updates, _ = learning_rate.update(updates, optax.ScaleByScheduleState(count=state.count))
+        updates = jax.tree_util.tree_map(lambda t, u, p: jnp.where(finite, u, 0.0) if t else jnp.zeros_like(p),
+                                         trained, updates, params)
+        skipped = (~finite).astype(jnp.int32)
+        return updates, SkippingAdamWState(count=count, mu=mu, nu=nu,
+                                           notfinite_count=(state.notfinite_count + 1) * skipped,
+                                           total_notfinite=state.total_notfinite + skipped)
+
+    return optax.GradientTransformation(init, update)
+
+
+def _labels(params, frozen_prefixes):
+    return {key: jax.tree_util.tree_map(lambda _: "frozen" if key in frozen_prefixes else "trained", value)
+            for key, value in params.items()}

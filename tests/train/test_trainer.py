@@ -160,7 +160,7 @@ def test_total_steps_0_means_num_epochs_passes_and_running_out_of_data_ends_the_
     assert int(state.step) == 1
     assert os.path.isdir(tmp_path / "checkpoints" / "1") and os.path.isdir(tmp_path / "hf_export")
     mlp = state.params["model"]["layers_0"]["mlp"]
-    moments = state.opt_state.inner_state[1][0].mu["model"]["layers_0"]["mlp"]
+    moments = state.opt_state.mu["model"]["layers_0"]["mlp"]
     for tree in (mlp, moments):
         assert tree["gate_proj"]["kernel"].sharding.spec == P("fsdp", "tensor")
         assert tree["down_proj"]["kernel"].sharding.spec == P("tensor", "fsdp")
