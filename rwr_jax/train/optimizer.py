@@ -89,11 +89,15 @@ def make_optimizer(config: OptimizerConfig, params) -> optax.GradientTransformat
     decay_weights = optax.add_decayed_weights(config.weight_decay, masked(decay))
     learning_rate = optax.scale_by_learning_rate(learning_rate_schedule(config))
 
-    def init(params):
-        zeros = lambda *shape: jnp.zeros(shape, jnp.int32)  # noqa: E731  (distinct buffers: train_step donates each)
-        return SkippingAdamWState(count=zeros(), mu=masked(jax.tree_util.tree_map(jnp.zeros_like, params)),
-                                  nu=masked(jax.tree_util.tree_map(jnp.zeros_like, params)), notfinite_count=zeros(),
-                                  total_notfinite=zeros())
+    def init(params):  # every leaf its own buffer: train_step donates each
+        def moments():
+            return masked(jax.tree_util.tree_map(jnp.zeros_like, params))
+
+        def count():
+            return jnp.zeros([], jnp.int32)
+
+        return SkippingAdamWState(count=count(), mu=moments(), nu=moments(), notfinite_count=count(),
+                                  total_notfinite=count())
 
     def update(grads, state, params=None):
         if params is None:
