@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from rwr_jax.bench import common, train_step
@@ -49,6 +50,21 @@ def test_train_step_batch_is_grouped_like_grpo(work):
     assert rows["token_mask"][:, :prompt].all(axis=1).any() and not rows["token_mask"][:, :prompt].all()
     assert rows["loss_mask"].sum(axis=1).min() >= work.completion // 2
 
+
+
+def test_reference_mask_is_causal_over_real_keys_and_never_empty():
+    token_mask = np.array([[False, True, True, False], [True, True, True, True]])
+    mask = train_step._torch_attention_mask(token_mask)  # pylint: disable=protected-access
+    expected = np.array([[[1, 0, 0, 0], [0, 1, 0, 0], [0, 1, 1, 0], [0, 1, 1, 1]],  # left pad: itself only
+                         [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]], dtype=bool)[:, None]
+    np.testing.assert_array_equal(mask, expected)
+    rows = train_step.trajectories(vocab_size=100)
+    mask = train_step._torch_attention_mask(rows["token_mask"])  # pylint: disable=protected-access
+    real = rows["token_mask"].astype(bool)
+    causal_real_keys = np.tri(real.shape[1], dtype=bool)[None] & real[:, None, :]
+    assert not causal_real_keys.any(-1).all()  # the [B, T] mask leaves left-padding rows empty
+    assert mask[:, 0].any(-1).all()
+    np.testing.assert_array_equal(mask[:, 0][real], causal_real_keys[real])  # real queries attend as before
 
 def test_first_updates_must_agree_within_the_dtype_tolerance():
     ours, reference = dict(loss=1.0, grad_norm=2.0, kl=0.01), dict(loss=1.0, grad_norm=2.02, kl=0.01)

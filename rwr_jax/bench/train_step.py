@@ -204,6 +204,14 @@ def _torch_loss(logp, ref_logp, mask, advantages):
     return (per_token * mask).sum() / count, (k3.detach() * mask).sum() / count
 
 
+def _torch_attention_mask(token_mask: np.ndarray) -> np.ndarray:
+    """[B, 1, T, T] bool (True: attend) from token_mask [B, T]: causal over real keys, and each position
+    also sees itself, so no query row (a left-padding position) is fully masked. Real positions attend as
+    with the [B, T] mask; torch's CUDA attention backward in bfloat16 gives NaN on fully masked rows."""
+    causal = np.tri(token_mask.shape[1], dtype=bool)
+    return ((causal[None] & token_mask[:, None, :].astype(bool)) | np.eye(token_mask.shape[1], dtype=bool))[:, None]
+
+
 def torch_update(s: Setup, clock: common.Phases, threads: int) -> dict[str, float]:
     """The PyTorch reference update on `threads` CPU threads (on CUDA, where the model is, the
     threads only drive it); returns loss, grad_norm, kl. Each phase mark waits for CUDA."""
@@ -214,8 +222,8 @@ def torch_update(s: Setup, clock: common.Phases, threads: int) -> dict[str, floa
     to_torch = lambda name, dtype: torch.from_numpy(s.rows[name].astype(dtype)).to(device)  # noqa: E731
     mark = lambda phase: (common.torch_sync(), clock.mark(phase))  # noqa: E731
     try:
-        inputs = {"input_ids": to_torch("tokens", np.int64), "attention_mask": to_torch("token_mask", np.int64),
-                  "position_ids": to_torch("positions", np.int64)}
+        inputs = {"input_ids": to_torch("tokens", np.int64), "position_ids": to_torch("positions", np.int64),
+                  "attention_mask": torch.from_numpy(_torch_attention_mask(s.rows["token_mask"])).to(device)}
         mask, advantages = to_torch("loss_mask", bool), to_torch("advantages", np.float32)
         logp = _torch_logprobs(s.torch_policy, inputs, s.work.completion, s.dtype)
         mark("policy_forward")

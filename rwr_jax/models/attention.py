@@ -54,6 +54,9 @@ def _xla_attention(query, key, value, mask, scale):
 
 @registry.register("attention", "cudnn")
 def _cudnn_attention(query, key, value, mask, scale):
+    # A query row with no key to attend to (a left-padding position) gets every key, as the xla kernel's
+    # all-masked softmax does: cuDNN's backward gives NaN gradients on fully masked rows (H100, bf16).
+    mask = mask | ~jnp.any(mask, axis=-1, keepdims=True)
     return jax.nn.dot_product_attention(query, key, value, mask=mask[:, None], scale=scale, implementation="cudnn")
 
 
