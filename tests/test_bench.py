@@ -51,7 +51,6 @@ def test_train_step_batch_is_grouped_like_grpo(work):
     assert rows["loss_mask"].sum(axis=1).min() >= work.completion // 2
 
 
-
 def test_reference_mask_is_causal_over_real_keys_and_never_empty():
     token_mask = np.array([[False, True, True, False], [True, True, True, True]])
     mask = train_step._torch_attention_mask(token_mask)  # pylint: disable=protected-access
@@ -65,6 +64,7 @@ def test_reference_mask_is_causal_over_real_keys_and_never_empty():
     assert not causal_real_keys.any(-1).all()  # the [B, T] mask leaves left-padding rows empty
     assert mask[:, 0].any(-1).all()
     np.testing.assert_array_equal(mask[:, 0][real], causal_real_keys[real])  # real queries attend as before
+
 
 def test_first_updates_must_agree_within_the_dtype_tolerance():
     ours, reference = dict(loss=1.0, grad_norm=2.0, kl=0.01), dict(loss=1.0, grad_norm=2.02, kl=0.01)
