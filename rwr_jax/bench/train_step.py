@@ -208,8 +208,9 @@ def _torch_attention_mask(token_mask: np.ndarray) -> np.ndarray:
     """[B, 1, T, T] bool (True: attend) from token_mask [B, T]: causal over real keys, and each position
     also sees itself, so no query row (a left-padding position) is fully masked. Real positions attend as
     with the [B, T] mask; torch's CUDA attention backward in bfloat16 gives NaN on fully masked rows."""
-    causal = np.tri(token_mask.shape[1], dtype=bool)
-    return ((causal[None] & token_mask[:, None, :].astype(bool)) | np.eye(token_mask.shape[1], dtype=bool))[:, None]
+    length = token_mask.shape[1]
+    causal_real_keys = np.tri(length, dtype=bool)[None] & token_mask[:, None, :].astype(bool)
+    return (causal_real_keys | np.eye(length, dtype=bool))[:, None]
 
 
 def torch_update(s: Setup, clock: common.Phases, threads: int) -> dict[str, float]:

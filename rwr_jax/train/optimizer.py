@@ -80,7 +80,7 @@ def make_optimizer(config: OptimizerConfig, params) -> optax.GradientTransformat
     moments Adam's update is finite. The trainer stops the run after
     `max_consecutive_nonfinite` skips in a row.
     """
-    trained = jax.tree_util.tree_map(lambda label: label == "trained", _labels(params, config.frozen_prefixes))
+    trained = _trained(params, config.frozen_prefixes)
     decay = jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
 
     def masked(tree):  # frozen leaves -> optax.MaskedNode()
@@ -126,6 +126,6 @@ def make_optimizer(config: OptimizerConfig, params) -> optax.GradientTransformat
     return optax.GradientTransformation(init, update)
 
 
-def _labels(params, frozen_prefixes):
-    return {key: jax.tree_util.tree_map(lambda _: "frozen" if key in frozen_prefixes else "trained", value)
-            for key, value in params.items()}
+def _trained(params, frozen_prefixes):
+    """params' tree of bools: False under the top-level keys in `frozen_prefixes`."""
+    return {key: jax.tree_util.tree_map(lambda _: key not in frozen_prefixes, value) for key, value in params.items()}
